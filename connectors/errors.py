@@ -10,7 +10,8 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
 
@@ -38,7 +39,7 @@ class Diagnosis:
     field: Optional[str] = None
     certificate: Optional[PresentedCertificate] = None
     retry_after: Optional[float] = None  # seconds, when the server asked us to back off
-    extra: dict = field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -1,0 +1,161 @@
+"""One `requests.Session` per connection: its own trust, proxy and timeouts.
+
+Everything HTTP a connection does (EWS, the identity platform, Graph) goes
+through `session_for(settings)`, so an uploaded server or proxy certificate
+and the connection's proxy apply everywhere and nowhere else. The environment
+(`REQUESTS_CA_BUNDLE`, `HTTPS_PROXY`, ...) is ignored on purpose: a
+connection's own settings must win (`trust_env = False`).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+from urllib.parse import quote, urlsplit
+
+import certifi
+import requests
+
+from .base import ConnectionSettings, ProxySettings
+from .errors import Diagnosis, diagnose_certificate, diagnose_network, exception_chain, find
+
+_BUNDLE_DIR = Path(tempfile.gettempdir()) / f"intake-ca-{os.getuid()}"
+
+
+def ca_bundle(*extra_pems: str) -> str | bool:
+    """A CA file for requests: the public roots plus this connection's uploaded
+    certificates. requests wants a file path, and reading only the uploaded
+    file would drop the public roots (a TLS-inspecting proxy in front of a
+    public service needs both). Files are content-addressed, so identical
+    settings share one file and different connections never share trust."""
+    extra = "\n".join(p.strip() for p in extra_pems if p and p.strip())
+    if not extra:
+        return True  # the public roots (certifi), never the environment
+    digest = hashlib.sha256(extra.encode()).hexdigest()[:32]
+    path = _BUNDLE_DIR / f"{digest}.pem"
+    if not path.exists():
+        _BUNDLE_DIR.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(Path(certifi.where()).read_text() + "\n" + extra + "\n")
+        tmp.replace(path)
+    return str(path)
+
+
+def proxy_url(proxy: ProxySettings) -> str:
+    auth = ""
+    if proxy.username:
+        auth = quote(proxy.username, safe="")
+        if proxy.password:
+            auth += ":" + quote(proxy.password, safe="")
+        auth += "@"
+    host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+    return f"{proxy.protocol}://{auth}{host}:{proxy.port}"
+
+
+def proxies_for(settings: ConnectionSettings) -> dict:
+    if settings.proxy is None:
+        # An explicit empty mapping is not enough: requests merges env proxies
+        # unless trust_env is off, which session_for() does.
+        return {}
+    u = proxy_url(settings.proxy)
+    return {"http": u, "https": u}
+
+
+def verify_for(settings: ConnectionSettings) -> str | bool:
+    proxy_pem = settings.proxy.certificate_pem if settings.proxy else ""
+    return ca_bundle(settings.trusted_cert_pem, proxy_pem)
+
+
+def session_for(settings: ConnectionSettings) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = verify_for(settings)
+    s.proxies = proxies_for(settings)
+    s.request = functools.partial(s.request, timeout=(settings.connect_timeout, settings.read_timeout))
+    return s
+
+
+def diagnose_http(exc: BaseException, settings: ConnectionSettings, url: str, *,
+                  what: str = "the server", host_field: str = "endpoint") -> Optional[Diagnosis]:
+    """Proxy failures first (they hide behind every other error), then the
+    shared network/TLS classification for the target host."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = settings.proxy
+    if proxy is not None:
+        d = _diagnose_proxy(exc, proxy)
+        if d is not None:
+            return d
+    return diagnose_network(exc, host, port, what=what, host_field=host_field, port_field=host_field)
+
+
+_STATUS_RE = re.compile(r"(?:Tunnel connection failed: |proxy.*?)(\d{3})(?: ([^'\")]*))?", re.I)
+
+
+def _diagnose_proxy(exc: BaseException, proxy: ProxySettings) -> Optional[Diagnosis]:
+    where = f"{proxy.host}:{proxy.port}"
+    proxy_error = find(exc, requests.exceptions.ProxyError)
+    text = " | ".join(str(e) for e in exception_chain(exc))
+    status = None
+    m = _STATUS_RE.search(text)
+    if m:
+        status = int(m.group(1))
+    if status == 407 or "407" in text and "Proxy Authentication Required" in text:
+        if proxy.username:
+            return Diagnosis(
+                "proxy_auth_failed",
+                f"The proxy at {where} rejected the user name or password (HTTP 407 Proxy Authentication Required).",
+                "Check the Proxy User name and Proxy Password. Only Basic proxy authentication is supported.",
+                field="proxy_password",
+            )
+        return Diagnosis(
+            "proxy_auth_required",
+            f"The proxy at {where} requires authentication (HTTP 407 Proxy Authentication Required).",
+            "Enter the Proxy User name and Proxy Password.",
+            field="proxy_username",
+        )
+    if proxy_error is not None and status is not None:
+        return Diagnosis(
+            "proxy_refused",
+            f"The proxy at {where} refused to open a tunnel to the server (HTTP {status}).",
+            "Ask the proxy's administrator to allow connections to this server and port.",
+            field="proxy_host",
+        )
+    if proxy_error is not None or find(exc, requests.exceptions.SSLError) is not None and proxy.protocol == "https":
+        cert_err = find(exc, __import__("ssl").SSLCertVerificationError)
+        if cert_err is not None and proxy.protocol == "https" and _is_proxy_tls(exc, proxy):
+            d = diagnose_certificate(cert_err, proxy.host, what="the proxy", host_field="proxy_host")
+            if d.code == "untrusted_certificate":
+                return Diagnosis(
+                    "proxy_untrusted_certificate",
+                    f"The certificate of the HTTPS proxy {where} is not trusted: "
+                    f"{getattr(cert_err, 'verify_message', '') or cert_err}.",
+                    "If you trust this proxy, upload its certificate file (PEM, CRT or DER) and test again. "
+                    "It will be trusted for this connection's proxy only.",
+                    field="proxy_certificate",
+                )
+            return d
+        if proxy_error is not None:
+            net = diagnose_network(exc, proxy.host, proxy.port, what="the proxy",
+                                   host_field="proxy_host", port_field="proxy_port")
+            if net is not None and net.code in ("dns_not_found", "connection_refused", "timeout", "host_unreachable"):
+                return Diagnosis("proxy_unreachable", net.message, net.hint, field=net.field)
+            if net is not None:
+                return net
+            return Diagnosis(
+                "proxy_unreachable",
+                f"Could not talk to the proxy at {where}: {proxy_error}.",
+                "Check the Proxy Protocol, Proxy Host Name and Proxy Port.",
+                field="proxy_host",
+            )
+    return None
+
+
+def _is_proxy_tls(exc: BaseException, proxy: ProxySettings) -> bool:
+    """urllib3 reports TLS-to-proxy failures as ProxyError; TLS failures with
+    the target behind a working tunnel are plain SSLError."""
+    return find(exc, requests.exceptions.ProxyError) is not None
