@@ -1,0 +1,1 @@
+"""WTForms forms; validation messages are written for the admin."""

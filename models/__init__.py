@@ -1,0 +1,15 @@
+"""peewee models. Import from here: `from models import EmailConnection`."""
+from .base import BaseModel, EncryptedField, db, utcnow
+from .connection import (EDITABLE_FIELDS, PROTOCOLS, SECRET_FIELDS, STATUS_LABELS, ConnectionDraft,
+                         ConnectionLog, EmailConnection)
+from .org import Membership, Organization, User
+
+# The tables of the first migration; later migrations add to ALL_MODELS.
+ALL_MODELS_V1 = [Organization, User, Membership, EmailConnection, ConnectionDraft, ConnectionLog]
+ALL_MODELS = list(ALL_MODELS_V1)
+
+__all__ = [
+    "db", "utcnow", "BaseModel", "EncryptedField", "Organization", "User", "Membership",
+    "EmailConnection", "ConnectionDraft", "ConnectionLog", "ALL_MODELS", "PROTOCOLS",
+    "STATUS_LABELS", "EDITABLE_FIELDS", "SECRET_FIELDS",
+]

@@ -1,0 +1,41 @@
+"""The peewee database, opened from DATABASE_URL, with migrations applied."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from playhouse import migrations
+from playhouse.db_url import connect
+
+from models.base import db
+
+log = logging.getLogger(__name__)
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "models" / "migrations"
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "foreign_keys": 1,
+    "busy_timeout": 10000,
+    "synchronous": "normal",
+}
+
+
+def open_database(url: str):
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        database = connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
+    else:
+        database = connect(url, unquote_password=True)
+    db.initialize(database)
+    return database
+
+
+def migrate() -> list[str]:
+    """Apply pending migrations; returns the names applied."""
+    with db.connection_context():
+        applied = migrations.run(db.obj, str(MIGRATIONS_DIR)) or []
+    if applied:
+        log.info("Applied database migrations: %s", ", ".join(applied))
+    return applied

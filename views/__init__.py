@@ -1,0 +1,15 @@
+"""Blueprints, one per resource."""
+
+
+def register_blueprints(app):
+    from . import access, auth, connections, health, home, oauth, settings
+
+    access.init_app(app)
+    for module in (auth, home, settings, connections, oauth, health):
+        app.register_blueprint(module.bp)
+
+    @app.context_processor
+    def _helpers():
+        from connectors.tls import describe_certificates
+
+        return {"oauth_redirect_uri": oauth.redirect_uri, "describe_certificates": describe_certificates}

@@ -1,0 +1,69 @@
+"""Office 365 Access: Grant Access / Switch Account and the /email-oauth redirect."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, flash, g, make_response, redirect, render_template, request, url_for
+
+from extensions import csrf
+from jobs import oauth_grant
+from models import ConnectionDraft
+
+from .access import admin_required
+from .connections import draft_from_form, get_connection_or_404
+
+bp = Blueprint("oauth", __name__)
+
+
+def redirect_uri() -> str:
+    """What the admin registers in the Entra app: BASE_URL + /email-oauth."""
+    return current_app.config["BASE_URL"] + "/email-oauth"
+
+
+@bp.post("/settings/connections/grant")
+@admin_required
+def grant_new():
+    """Grant Access for a connection not saved yet."""
+    return _grant(None)
+
+
+@bp.post("/settings/connections/<api_name>/grant")
+@admin_required
+def grant(api_name):
+    """Grant Access / Switch Account for a saved connection."""
+    return _grant(get_connection_or_404(api_name))
+
+
+def _grant(conn):
+    draft, form = draft_from_form(conn)
+    if draft is None:
+        return render_template("connections/_form_errors.html", form=form)
+    try:
+        auth_uri = oauth_grant.begin(draft, redirect_uri(), g.user.id)
+    except Exception as e:  # ConnectorError or an unreachable authority: say it where the status goes
+        diagnosis = getattr(e, "diagnosis", None)
+        if diagnosis is None:
+            current_app.logger.exception("Grant Access could not start")
+        return render_template("connections/_test_status.html", draft_id=draft.id, status={"state": "finished"},
+                               diagnosis=diagnosis.to_dict() if diagnosis else {
+                                   "code": "unexpected", "message": f"Grant Access could not start: {e}",
+                                   "hint": "See the log file."})
+    resp = make_response("")
+    resp.headers["HX-Redirect"] = auth_uri  # a full-page visit to the sign-in page
+    return resp
+
+
+@bp.get("/email-oauth")
+@csrf.exempt
+@admin_required
+def callback():
+    """Where Microsoft sends the admin back after signing in."""
+    outcome = oauth_grant.complete(request.args.get("state", ""), request.args.to_dict(), g.user.id, g.org.id)
+    if outcome.error:
+        flash(outcome.error, "error")
+    else:
+        flash(f"Signed in as {outcome.name or outcome.username}. Now press Test and Save Connection.", "success")
+    draft = outcome.draft
+    if draft is None:
+        return redirect(url_for("connections.index"))
+    if draft.connection_id:
+        return redirect(url_for("connections.edit", api_name=draft.connection.api_name, draft=draft.id))
+    return redirect(url_for("connections.new", draft=draft.id))

@@ -1,0 +1,37 @@
+"""Background processes.
+
+  python worker.py             an RQ worker (with RQ's scheduler) on Intake's queues
+  python worker.py scheduler   Intake's scheduler: heartbeat and due fetches
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import settings
+from app import init_services
+from services import queue
+
+log = logging.getLogger("intake.worker")
+
+
+def main(argv: list[str]) -> int:
+    cfg = settings.load()
+    init_services(cfg)
+    if not cfg["REDIS_URL"]:
+        queue.wait_for(cfg["REDIS_SOCKET"], timeout=30)
+    if argv[1:2] == ["scheduler"]:
+        from jobs.scheduler import run_forever
+        run_forever()
+        return 0
+    from rq import Worker
+
+    names = argv[1:] or list(queue.QUEUE_NAMES)
+    worker = Worker([queue.queue(n) for n in names], connection=queue.connection())
+    log.info("Worker listening on %s", ", ".join(names))
+    worker.work(with_scheduler=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
