@@ -11,13 +11,14 @@ from flask import Flask, g, render_template
 import settings
 from extensions import csrf, htmx
 from models import db
-from services import crypto, database, logs, queue
+from services import crypto, database, logs, queue, runtime
 
 log = logging.getLogger("intake")
 
 
 def init_services(cfg: dict) -> None:
     """What every process (web, worker, scheduler, CLI) needs before work."""
+    runtime.configure(cfg)
     logs.setup(cfg["LOG_FILE"], cfg["LOG_LEVEL"])
     crypto.configure(cfg["ENCRYPTION_KEYS"])
     database.open_database(cfg["DATABASE_URL"])

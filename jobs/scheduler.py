@@ -35,10 +35,8 @@ def tick(now: float | None = None) -> dict:
 
 
 def _enqueue_due_fetches() -> int:
-    try:
-        from jobs.fetch import enqueue_due
-    except ImportError:  # fetching lands with the ingest issue
-        return 0
+    from jobs.fetch import enqueue_due
+
     return enqueue_due()
 
 

@@ -53,7 +53,7 @@ def embedded_server_command(socket_path: str, workdir: str) -> list[str]:
     ]
 
 
-def start_embedded(socket_path: str, workdir: str) -> subprocess.Popen:
+def start_embedded(socket_path: str, workdir: str, quiet: bool = False) -> subprocess.Popen:
     Path(workdir).mkdir(parents=True, exist_ok=True)
     if os.path.exists(socket_path):
         try:
@@ -61,7 +61,8 @@ def start_embedded(socket_path: str, workdir: str) -> subprocess.Popen:
             raise RuntimeError(f"An embedded Redis is already running on {socket_path}")
         except redis.exceptions.ConnectionError:
             os.unlink(socket_path)  # stale socket from a crash
-    proc = subprocess.Popen(embedded_server_command(socket_path, workdir))
+    proc = subprocess.Popen(embedded_server_command(socket_path, workdir),
+                            stdout=subprocess.DEVNULL if quiet else None)
     wait_for(socket_path, proc)
     return proc
 

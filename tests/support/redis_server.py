@@ -12,7 +12,7 @@ from services import queue
 def redis_url(tmp_path_factory):
     d = tmp_path_factory.mktemp("redis")
     sock = str(d / "redis.sock")
-    proc = queue.start_embedded(sock, str(d))
+    proc = queue.start_embedded(sock, str(d), quiet=True)
     yield f"unix://{sock}"
     proc.terminate()
     proc.wait(timeout=10)
