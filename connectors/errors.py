@@ -169,13 +169,17 @@ _UNTRUSTED_CODES = {18, 19, 20, 21, 2, 27, 30}
 _EXPIRED_CODE = 10
 _NOT_YET_VALID_CODE = 9
 _HOSTNAME_MISMATCH_CODE = 62
+# A server reached by IP address fails with this one instead (seen with a real
+# Dovecot whose certificate names only a DNS host).
+_IP_ADDRESS_MISMATCH_CODE = 64
 
 
 def diagnose_certificate(err: BaseException, host: str, *, what: str = "the mail server",
                          host_field: str = "host") -> Diagnosis:
     code = getattr(err, "verify_code", None)
     message = getattr(err, "verify_message", "") or str(err)
-    if code == _HOSTNAME_MISMATCH_CODE or "hostname mismatch" in message.lower() or "doesn't match" in message:
+    if code in (_HOSTNAME_MISMATCH_CODE, _IP_ADDRESS_MISMATCH_CODE) or "hostname mismatch" in message.lower() \
+            or "ip address mismatch" in message.lower() or "doesn't match" in message:
         return Diagnosis(
             "hostname_mismatch",
             f"The certificate of {what} is not valid for the host name {host}.",

@@ -62,7 +62,7 @@ def _capture_batch(connector, conn, store, refs: list[RemoteMessage], result: Ca
                 if _capture_one(connector, conn, store, ref, result):
                     durable.append(ref)
             except ConnectorError as e:
-                if e.diagnosis.code != "message_gone":
+                if e.diagnosis.code not in ("message_not_found", "message_gone"):
                     raise
                 log.info("%s: message %s vanished before it could be fetched", conn.api_name, ref.key)
     finally:
