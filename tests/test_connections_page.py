@@ -77,11 +77,6 @@ def test_proxy_button_reveals_proxy_fields(admin_client):
         assert f">{label}</label>" in html
 
 
-def test_api_name_is_suggested_from_name(admin_client):
-    html = admin_client.get(f"{BASE}/suggest-api-name?name=Phishing+reports+(EU)").get_data(as_text=True)
-    assert 'value="Phishing_reports_EU"' in html
-
-
 @pytest.mark.parametrize("field, value, message", [
     ("api_name", "has space", "Use letters, digits and underscores"),
     ("port", "70000", "Enter a port from 1 to 65535."),
@@ -141,7 +136,7 @@ def test_untrusted_cert_then_upload_then_saved(admin_client, run_jobs, dovecot):
     assert saved(admin_client.org) is None  # nothing saved on failure
     status, html = submit_test(admin_client, run_jobs, data,
                                  files={"trusted_certificate": (dovecot.cert.cert_pem, "server.pem")})
-    assert status.headers.get("HX-Redirect") == f"{BASE}/", html
+    assert status.headers.get("HX-Redirect") == f"{BASE}/", html[:2000]
     conn = saved(admin_client.org)
     assert conn.status == "ok" and dovecot.cert.cert_pem.decode().strip() in conn.trusted_cert_pem
     listing = admin_client.get(f"{BASE}/").get_data(as_text=True)

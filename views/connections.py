@@ -6,7 +6,7 @@ import logging
 from flask import (Blueprint, abort, flash, g, make_response, redirect, render_template, request,
                    url_for)
 
-from forms.connection import DEFAULT_PORTS, ConnectionForm, suggest_api_name
+from forms.connection import DEFAULT_PORTS, ConnectionForm
 from jobs import connection_test
 from models import ConnectionDraft, ConnectionLog, EmailConnection
 
@@ -114,19 +114,6 @@ def proxy_fields():
     form = ConnectionForm(formdata=None, editing=_editing_from_args())
     form.use_proxy.data = "" if request.args.get("hide") else "1"
     return render_template("connections/_proxy_toggle.html", form=form, conn=form.editing)
-
-
-@bp.get("/suggest-api-name")
-@admin_required
-def api_name_suggestion():
-    """API Name suggested from the Name while the admin types."""
-    form = ConnectionForm(formdata=None)
-    typed, suggestion = request.args.get("api_name", ""), suggest_api_name(request.args.get("name", ""))
-    # Follow the Name only while the API Name is still a suggestion (empty,
-    # or a prefix of what we would suggest); never overwrite a chosen one.
-    follows = not typed or suggestion.startswith(typed) or typed.startswith(suggestion)
-    form.api_name.data = suggestion if follows else typed
-    return render_template("connections/_api_name.html", form=form)
 
 
 @bp.post("/test")

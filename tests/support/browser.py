@@ -4,6 +4,7 @@ runs the jobs, exactly as `make run` would."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -91,8 +92,16 @@ def chromium():
     pw.stop()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.failed_call = report.failed
+
+
 @pytest.fixture
-def page(chromium, live_server, redis_conn):
+def page(request, chromium, live_server, redis_conn, tmp_path_factory):
     context = chromium.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 1000})
     context.set_default_timeout(15000)
     p = context.new_page()
@@ -100,6 +109,12 @@ def page(chromium, live_server, redis_conn):
     p.on("pageerror", lambda e: errors.append(str(e)))
     p.js_errors = errors
     yield p
+    if getattr(request.node, "failed_call", False):
+        # What the browser showed when the test failed, to look at afterwards.
+        shot = tmp_path_factory.getbasetemp() / "screenshots" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name) + ".png")
+        shot.parent.mkdir(exist_ok=True)
+        p.screenshot(path=str(shot), full_page=True)
+        print(f"Screenshot of the failure: {shot}")
     context.close()
 
 
