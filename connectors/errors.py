@@ -61,7 +61,11 @@ class ConnectorError(Exception):
 
 # Codes that mean "the credentials are wrong": the scheduler pauses a
 # connection after repeated ones instead of hammering the server.
-AUTH_CODES = frozenset({"auth_failed", "grant_expired", "oauth_invalid_client", "oauth_unknown_app"})
+AUTH_CODES = frozenset({
+    "auth_failed", "grant_expired", "oauth_invalid_client", "oauth_unknown_app", "oauth_secret_expired",
+    "oauth_certificate_not_registered", "oauth_tenant_not_found", "oauth_consent_required",
+    "oauth_not_multitenant", "oauth_tenant_required", "permission_denied",
+})
 # Codes worth retrying later with back-off.
 TRANSIENT_CODES = frozenset({"timeout", "connection_refused", "server_busy", "connection_lost", "dns_not_found", "throttled"})
 
@@ -120,7 +124,7 @@ def diagnose_network(exc: BaseException, host: str, port: int, *, what: str = "t
     if refused is not None or "Connection refused" in _text(exc) or _errno_in(exc, errno.ECONNREFUSED):
         return Diagnosis(
             "connection_refused",
-            f"{what.capitalize()} at {where} refused the connection.",
+            f"{what[:1].upper() + what[1:]} at {where} refused the connection.",
             "Nothing is listening on that port. Check the port number and that the service is running, "
             "and that no firewall rejects this server.",
             field=port_field,
@@ -129,7 +133,7 @@ def diagnose_network(exc: BaseException, host: str, port: int, *, what: str = "t
             or "timed out" in _text(exc).lower():
         return Diagnosis(
             "timeout",
-            f"{what.capitalize()} at {where} did not answer in time.",
+            f"{what[:1].upper() + what[1:]} at {where} did not answer in time.",
             "Check the host name and port, and that a firewall is not silently dropping the connection. "
             "If the server is just slow, try again later.",
             field=host_field,
@@ -153,7 +157,7 @@ def diagnose_network(exc: BaseException, host: str, port: int, *, what: str = "t
     if isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError)) or find(exc, ConnectionResetError):
         return Diagnosis(
             "connection_lost",
-            f"{what.capitalize()} at {where} closed the connection unexpectedly.",
+            f"{what[:1].upper() + what[1:]} at {where} closed the connection unexpectedly.",
             "Check that the port and encryption match what the server offers, then try again.",
             field=port_field,
         )

@@ -8,10 +8,12 @@ connection's own settings must win (`trust_env = False`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
 import re
+import ssl
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -87,75 +89,119 @@ def diagnose_http(exc: BaseException, settings: ConnectionSettings, url: str, *,
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     proxy = settings.proxy
     if proxy is not None:
-        d = _diagnose_proxy(exc, proxy)
+        d = _diagnose_proxy(exc, proxy, target=f"{what} ({host}:{port})")
         if d is not None:
             return d
-    return diagnose_network(exc, host, port, what=what, host_field=host_field, port_field=host_field)
+    d = diagnose_network(exc, host, port, what=what, host_field=host_field, port_field=host_field)
+    if d is not None and proxy is not None and d.code == "connection_lost":
+        # A plain-HTTP CONNECT sent to an HTTPS proxy port looks exactly like this.
+        d = dataclasses.replace(d, hint=d.hint + " With a proxy, also check the Proxy Protocol "
+                                "(HTTP or HTTPS) and the Proxy Port.")
+    return d
 
 
-_STATUS_RE = re.compile(r"(?:Tunnel connection failed: |proxy.*?)(\d{3})(?: ([^'\")]*))?", re.I)
+# urllib3 reports a refused CONNECT as "Tunnel connection failed: 407 Proxy
+# Authentication Required". Only that phrase carries the proxy's status: a
+# looser pattern picks up digits from "127.0.0.1" or "(_ssl.c:1006)".
+_TUNNEL_STATUS_RE = re.compile(r"Tunnel connection failed: (\d{3})(?: ([^'\")|]*))?")
+# Statuses with which a working proxy says it could not reach the server.
+_PROXY_UPSTREAM_FAILED = {502, 503, 504}
 
 
-def _diagnose_proxy(exc: BaseException, proxy: ProxySettings) -> Optional[Diagnosis]:
-    where = f"{proxy.host}:{proxy.port}"
-    proxy_error = find(exc, requests.exceptions.ProxyError)
+def _tunnel_status(exc: BaseException) -> tuple[Optional[int], str]:
     text = " | ".join(str(e) for e in exception_chain(exc))
-    status = None
-    m = _STATUS_RE.search(text)
+    m = _TUNNEL_STATUS_RE.search(text)
     if m:
-        status = int(m.group(1))
-    if status == 407 or "407" in text and "Proxy Authentication Required" in text:
-        if proxy.username:
-            return Diagnosis(
-                "proxy_auth_failed",
-                f"The proxy at {where} rejected the user name or password (HTTP 407 Proxy Authentication Required).",
-                "Check the Proxy User name and Proxy Password. Only Basic proxy authentication is supported.",
-                field="proxy_password",
-            )
+        return int(m.group(1)), (m.group(2) or "").strip()
+    if "407 Proxy Authentication Required" in text:  # a plain-HTTP request answered by the proxy
+        return 407, "Proxy Authentication Required"
+    return None, ""
+
+
+def _diagnose_proxy(exc: BaseException, proxy: ProxySettings, target: str = "the server") -> Optional[Diagnosis]:
+    """None when the failure happened past the proxy (the tunnel worked)."""
+    where = f"{proxy.host}:{proxy.port}"
+    status, reason = _tunnel_status(exc)
+    if status == 407:
+        return _proxy_auth(proxy, where)
+    if status is not None:
+        return _proxy_status(status, reason, where, target)
+    if find(exc, requests.exceptions.ProxyError) is None:
+        return None
+    # From here on urllib3 failed before the tunnel was up: it is the proxy's fault.
+    if proxy.protocol == "https":
+        d = _proxy_tls(exc, proxy, where)
+        if d is not None:
+            return d
+    net = diagnose_network(exc, proxy.host, proxy.port, what="the proxy",
+                           host_field="proxy_host", port_field="proxy_port")
+    if net is not None and net.code not in ("tls_handshake", "connection_lost"):
+        return Diagnosis("proxy_unreachable", net.message,
+                         net.hint + " These are the Proxy Host Name and Proxy Port settings.", field=net.field)
+    return Diagnosis(
+        "proxy_unreachable",
+        f"Could not talk to the proxy at {where}.",
+        "Check the Proxy Protocol (HTTP or HTTPS), Proxy Host Name and Proxy Port.",
+        field="proxy_host",
+    )
+
+
+def _proxy_auth(proxy: ProxySettings, where: str) -> Diagnosis:
+    if proxy.username:
         return Diagnosis(
-            "proxy_auth_required",
-            f"The proxy at {where} requires authentication (HTTP 407 Proxy Authentication Required).",
-            "Enter the Proxy User name and Proxy Password.",
-            field="proxy_username",
+            "proxy_auth_failed",
+            f"The proxy at {where} rejected the user name or password (HTTP 407 Proxy Authentication Required).",
+            "Check the Proxy User name and Proxy Password. Only Basic proxy authentication is supported.",
+            field="proxy_password",
         )
-    if proxy_error is not None and status is not None:
+    return Diagnosis(
+        "proxy_auth_required",
+        f"The proxy at {where} requires authentication (HTTP 407 Proxy Authentication Required).",
+        "Enter the Proxy User name and Proxy Password.",
+        field="proxy_username",
+    )
+
+
+def _proxy_status(status: int, reason: str, where: str, target: str) -> Diagnosis:
+    said = f"HTTP {status} {reason}".strip()
+    if status in _PROXY_UPSTREAM_FAILED:
         return Diagnosis(
             "proxy_refused",
-            f"The proxy at {where} refused to open a tunnel to the server (HTTP {status}).",
-            "Ask the proxy's administrator to allow connections to this server and port.",
+            f"The proxy at {where} could not connect to {target} ({said}).",
+            "Check the server address and port. If they are right, ask the proxy's administrator "
+            "whether the proxy can reach that server.",
             field="proxy_host",
         )
-    if proxy_error is not None or find(exc, requests.exceptions.SSLError) is not None and proxy.protocol == "https":
-        cert_err = find(exc, __import__("ssl").SSLCertVerificationError)
-        if cert_err is not None and proxy.protocol == "https" and _is_proxy_tls(exc, proxy):
-            d = diagnose_certificate(cert_err, proxy.host, what="the proxy", host_field="proxy_host")
-            if d.code == "untrusted_certificate":
-                return Diagnosis(
-                    "proxy_untrusted_certificate",
-                    f"The certificate of the HTTPS proxy {where} is not trusted: "
-                    f"{getattr(cert_err, 'verify_message', '') or cert_err}.",
-                    "If you trust this proxy, upload its certificate file (PEM, CRT or DER) and test again. "
-                    "It will be trusted for this connection's proxy only.",
-                    field="proxy_certificate",
-                )
+    return Diagnosis(
+        "proxy_refused",
+        f"The proxy at {where} refused to open a tunnel to {target} ({said}).",
+        "Ask the proxy's administrator to allow connections to this server and port.",
+        field="proxy_host",
+    )
+
+
+def _proxy_tls(exc: BaseException, proxy: ProxySettings, where: str) -> Optional[Diagnosis]:
+    """TLS between us and an HTTPS proxy (urllib3 wraps it in ProxyError;
+    TLS failures with the server behind a working tunnel are plain SSLError)."""
+    cert_err = find(exc, ssl.SSLCertVerificationError)
+    if cert_err is not None:
+        d = diagnose_certificate(cert_err, proxy.host, what="the proxy", host_field="proxy_host")
+        if d.code != "untrusted_certificate":
             return d
-        if proxy_error is not None:
-            net = diagnose_network(exc, proxy.host, proxy.port, what="the proxy",
-                                   host_field="proxy_host", port_field="proxy_port")
-            if net is not None and net.code in ("dns_not_found", "connection_refused", "timeout", "host_unreachable"):
-                return Diagnosis("proxy_unreachable", net.message, net.hint, field=net.field)
-            if net is not None:
-                return net
-            return Diagnosis(
-                "proxy_unreachable",
-                f"Could not talk to the proxy at {where}: {proxy_error}.",
-                "Check the Proxy Protocol, Proxy Host Name and Proxy Port.",
-                field="proxy_host",
-            )
+        return Diagnosis(
+            "proxy_untrusted_certificate",
+            f"The certificate of the HTTPS proxy {where} is not trusted: "
+            f"{getattr(cert_err, 'verify_message', '') or cert_err}.",
+            "If you trust this proxy, upload its certificate file (PEM, CRT or DER) and test again. "
+            "It will be trusted for this connection's proxy only.",
+            field="proxy_certificate",
+        )
+    if find(exc, ssl.SSLError) is not None:
+        return Diagnosis(
+            "proxy_unreachable",
+            f"The secure (TLS) handshake with the proxy at {where} failed.",
+            "The proxy probably speaks plain HTTP on this port: set Proxy Protocol to HTTP, "
+            "or check the Proxy Port.",
+            field="proxy_protocol",
+        )
     return None
-
-
-def _is_proxy_tls(exc: BaseException, proxy: ProxySettings) -> bool:
-    """urllib3 reports TLS-to-proxy failures as ProxyError; TLS failures with
-    the target behind a working tunnel are plain SSLError."""
-    return find(exc, requests.exceptions.ProxyError) is not None

@@ -59,12 +59,13 @@ def open_session(values: dict, progress: Progress) -> Session:
     """Build (not yet open) the connector for these values."""
     settings = settings_from_values(values)
     cls = connector_class(settings.protocol)
+    app_only = values.get("oauth_access") == "application"
     if settings.protocol == "imap":
         if values.get("imap_auth") == "xoauth2":
-            from connectors.oauth import IMAP_SCOPES, TokenProvider
+            from connectors.oauth import TokenProvider, imap_scopes
 
             tokens = TokenProvider(settings)
-            token = tokens.access_token(IMAP_SCOPES)
+            token = tokens.access_token(imap_scopes(settings, app_only))
             return Session(cls(settings, progress, access_token=token.access_token), tokens)
         return Session(cls(settings, progress))
     if settings.protocol == "exchange":
@@ -75,7 +76,6 @@ def open_session(values: dict, progress: Progress) -> Session:
     if settings.protocol == "oauth":
         from connectors.oauth import ews_credentials, ews_scopes
 
-        app_only = values.get("oauth_access") == "application"
         creds = ews_credentials(tokens, ews_scopes(settings, app_only))
         return Session(cls(settings, progress, credentials=creds, impersonate=app_only), tokens)
-    return Session(cls(settings, progress, tokens=tokens), tokens)
+    return Session(cls(settings, progress, tokens=tokens, app_only=app_only), tokens)

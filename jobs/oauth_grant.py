@@ -54,25 +54,30 @@ class GrantOutcome:
     error: str = ""
 
 
-def complete(state: str, params: dict, user_id: int, org_id: int) -> GrantOutcome:
-    """Redeem the code; the token cache and account go into the draft."""
+def complete(state: str, params: dict, user_id: int | None, org_id: int | None) -> GrantOutcome:
+    """Redeem the code; the token cache and account go into the draft.
+
+    The answer usually arrives as a cross-site form POST, which carries no
+    (SameSite=Lax) session cookie: the flow is found and bound by its
+    unguessable, single-use `state` instead. When a session is there, it
+    must be the user who started the sign-in."""
     from connectors.oauth import TokenProvider
 
     raw = queue.connection().getdel(_key(state)) if state else None
     if raw is None:
         return GrantOutcome(None, error="This sign-in has expired or was already used. Press Grant Access again.")
     record = json.loads(crypto.decrypt(raw.decode() if isinstance(raw, bytes) else raw))
-    if record["user_id"] != user_id or record["org_id"] != org_id:
+    if user_id is not None and (record["user_id"] != user_id or record["org_id"] != org_id):
         return GrantOutcome(None, error="This sign-in was started by another user or organization.")
     draft = ConnectionDraft.get_or_none(ConnectionDraft.id == record["draft_id"])
     if draft is None:
         return GrantOutcome(None, error="The connection form expired. Fill it in and press Grant Access again.")
-    if params.get("error"):
-        desc = params.get("error_description") or params["error"]
-        return GrantOutcome(draft, error=f"Sign-in did not complete: {desc}")
     values = draft.values()
     provider = TokenProvider(settings_from_values(values))
     try:
+        if params.get("error"):
+            d = provider.diagnose(params, redirect_uri=record["flow"].get("redirect_uri", ""), during="grant")
+            return GrantOutcome(draft, error=f"Sign-in did not complete: {d.message} {d.hint}".strip())
         result = provider.complete_grant(record["flow"], params)
     except ConnectorError as e:
         return GrantOutcome(draft, error=f"{e.diagnosis.message} {e.diagnosis.hint}".strip())

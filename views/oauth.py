@@ -5,7 +5,6 @@ from flask import Blueprint, current_app, flash, g, make_response, redirect, ren
 
 from extensions import csrf
 from jobs import oauth_grant
-from models import ConnectionDraft
 
 from .access import admin_required
 from .connections import draft_from_form, get_connection_or_404
@@ -51,19 +50,23 @@ def _grant(conn):
     return resp
 
 
-@bp.get("/email-oauth")
+@bp.route("/email-oauth", methods=["GET", "POST"])
 @csrf.exempt
-@admin_required
 def callback():
-    """Where Microsoft sends the admin back after signing in."""
-    outcome = oauth_grant.complete(request.args.get("state", ""), request.args.to_dict(), g.user.id, g.org.id)
+    """Where Microsoft sends the admin back after signing in (a form POST,
+    or a GET with query parameters)."""
+    params = (request.form if request.method == "POST" else request.args).to_dict()
+    user_id = g.user.id if g.get("user") else None
+    org_id = g.org.id if g.get("org") else None
+    outcome = oauth_grant.complete(params.get("state", ""), params, user_id, org_id)
     if outcome.error:
         flash(outcome.error, "error")
     else:
         flash(f"Signed in as {outcome.name or outcome.username}. Now press Test and Save Connection.", "success")
     draft = outcome.draft
     if draft is None:
-        return redirect(url_for("connections.index"))
+        return redirect(url_for("connections.index"), code=303)
+    # 303: the browser follows with a GET, which does carry the session cookie.
     if draft.connection_id:
-        return redirect(url_for("connections.edit", api_name=draft.connection.api_name, draft=draft.id))
-    return redirect(url_for("connections.new", draft=draft.id))
+        return redirect(url_for("connections.edit", api_name=draft.connection.api_name, draft=draft.id), code=303)
+    return redirect(url_for("connections.new", draft=draft.id), code=303)

@@ -47,7 +47,9 @@ def make_cert(directory: Path, name: str, *, hostnames=("localhost", "127.0.0.1"
     key = _key()
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intake tests"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name or hostnames[0]),
+        # A distinct subject per certificate: two self-signed certificates
+        # with the same subject in one trust bundle shadow each other.
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"{hostnames[0]} ({name})"),
     ])
     now = dt.datetime.now(dt.timezone.utc)
     if expired:
