@@ -9,6 +9,7 @@ from services import crypto, database
 
 
 def register(app: Flask) -> None:
+    register_connection_commands(app)
     @app.cli.command("migrate")
     def migrate_cmd():
         """Apply pending database migrations."""
@@ -71,3 +72,88 @@ def register(app: Flask) -> None:
         click.echo(f"Embedded Redis on unix://{sock}")
         signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
         raise SystemExit(proc.wait())
+
+
+def register_connection_commands(app: Flask) -> None:
+    """`flask --app app connections list|test|fetch`."""
+    import json
+
+    from models import Organization
+
+    group = click.Group("connections", help="Inbound email connections.")
+    app.cli.add_command(group)
+
+    def find(api_name: str, org_name: str | None) -> EmailConnection:
+        q = EmailConnection.select().join(Organization).where(EmailConnection.api_name == api_name)
+        if org_name:
+            q = q.where(Organization.name == org_name)
+        found = list(q)
+        if not found:
+            raise click.ClickException(f"No connection with API Name {api_name}" + (f" in {org_name}." if org_name else "."))
+        if len(found) > 1:
+            raise click.ClickException(f"{api_name} exists in several organizations; add --org NAME.")
+        return found[0]
+
+    @group.command("list")
+    @click.option("--org", "org_name", help="Only this organization.")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def list_cmd(org_name, as_json):
+        """List connections with their status (never secrets)."""
+        with db.connection_context():
+            q = EmailConnection.select(EmailConnection, Organization).join(Organization).order_by(
+                Organization.name, EmailConnection.name)
+            if org_name:
+                q = q.where(Organization.name == org_name)
+            rows = [{"organization": c.organization.name, "api_name": c.api_name, "name": c.name,
+                     "protocol": c.protocol, "status": c.status, "enabled": c.enabled,
+                     "last_fetch": c.last_fetch_at.isoformat() if c.last_fetch_at else None,
+                     "messages_total": c.messages_total, "last_error": c.last_error} for c in q]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for r in rows:
+            click.echo(f"{r['organization']:<20} {r['api_name']:<24} {r['protocol']:<9} {r['status']:<8} "
+                       f"{'on ' if r['enabled'] else 'off'} {r['messages_total']:>7}  {r['last_error'][:60]}")
+
+    @group.command("test")
+    @click.argument("api_name")
+    @click.option("--org", "org_name")
+    def test_cmd(api_name, org_name):
+        """Run the connection test now (login and folder check); saves nothing."""
+        from connectors.errors import ConnectorError
+        from jobs.connect import open_session
+
+        with db.connection_context():
+            conn = find(api_name, org_name)
+            try:
+                session = open_session(conn.stored_values(), lambda step: click.echo(f"  {step}…"))
+                with session.connector as c:
+                    result = c.check()
+            except ConnectorError as e:
+                raise click.ClickException(f"{e.diagnosis.message} {e.diagnosis.hint}".strip())
+        click.echo(f"OK: {result.folder} opened, {result.unread} unread.")
+
+    @group.command("fetch")
+    @click.argument("api_name")
+    @click.option("--org", "org_name")
+    @click.option("--no-process", is_flag=True, help="Only capture; leave processing to the workers.")
+    def fetch_cmd(api_name, org_name, no_process):
+        """Fetch now, in this process, and print the counts."""
+        from jobs import fetch as fetch_jobs
+        from jobs import process as process_jobs
+
+        with db.connection_context():
+            conn = find(api_name, org_name)
+        result = fetch_jobs.fetch(conn.id, enqueue_processing=no_process)
+        if "error" in result:
+            raise click.ClickException(result["error"]["message"])
+        if result.get("skipped"):
+            raise click.ClickException(f"Skipped: {result['skipped']}")
+        outcomes: dict[str, int] = {}
+        for mid in result.get("new_message_ids", []) if not no_process else []:
+            outcome = process_jobs.run(mid)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        click.echo(f"Unread listed: {result['listed']}, stored: {result['stored']}, already stored: "
+                   f"{result['duplicates']}, quarantined: {result['quarantined']}.")
+        if outcomes:
+            click.echo("Processed: " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))

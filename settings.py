@@ -71,7 +71,7 @@ def load(overrides: dict | None = None) -> dict:
         "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
         "LOGIN_MAX_ATTEMPTS": int(env("LOGIN_MAX_ATTEMPTS", "5")),
         "LOGIN_WINDOW_SECONDS": int(env("LOGIN_WINDOW_SECONDS", "300")),
-        "RUN_JOBS_INLINE": False,  # tests may run jobs synchronously
+        "FETCH_LOCK_SECONDS": int(env("FETCH_LOCK_SECONDS", "120")),
     }
     cfg.update(overrides)
     return cfg

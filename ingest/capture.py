@@ -19,7 +19,7 @@ from connectors.base import Connector, RemoteMessage
 from connectors.errors import ConnectorError
 from models import EmailConnection, RemoteKey, StoredMessage, db, utcnow
 
-from .store import RawStore
+from .store import PendingRaw, RawStore
 
 log = logging.getLogger(__name__)
 
@@ -34,37 +34,32 @@ class CaptureResult:
 
 
 def capture(connector: Connector, conn: EmailConnection, store: RawStore, *, batch_size: int = 100,
-            max_batches: int = 20) -> CaptureResult:
-    """Bounded: at most batch_size × max_batches messages per run."""
+            max_batches: int = 20, keepalive=lambda: None) -> CaptureResult:
+    """Bounded: at most batch_size × max_batches messages per run.
+    `keepalive` is called as messages are stored (it extends the fetch lock)."""
     result = CaptureResult()
     for _ in range(max_batches):
         refs = connector.list_unread(batch_size)
         if not refs:
             break
         result.listed += len(refs)
-        _capture_batch(connector, conn, store, refs, result)
+        _capture_batch(connector, conn, store, refs, result, keepalive)
         if len(refs) < batch_size:
             break
     return result
 
 
-def _capture_batch(connector, conn, store, refs: list[RemoteMessage], result: CaptureResult) -> None:
-    known = {k.key: k for k in RemoteKey.select().where(
+def _capture_batch(connector, conn, store, refs: list[RemoteMessage], result: CaptureResult, keepalive) -> None:
+    known = {k.key for k in RemoteKey.select(RemoteKey.key).where(
         (RemoteKey.connection == conn) & (RemoteKey.key.in_([r.key for r in refs])))}
-    durable: list[RemoteMessage] = []
+    durable: list[RemoteMessage] = [r for r in refs if r.key in known]
+    result.duplicates += len(durable)  # stored by an earlier run that stopped before mark-read
+    fresh = [r for r in refs if r.key not in known]
     try:
-        for ref in refs:
-            if ref.key in known:
-                result.duplicates += 1  # stored by an earlier run that stopped before mark-read
-                durable.append(ref)
-                continue
-            try:
-                if _capture_one(connector, conn, store, ref, result):
-                    durable.append(ref)
-            except ConnectorError as e:
-                if e.diagnosis.code not in ("message_not_found", "message_gone"):
-                    raise
-                log.info("%s: message %s vanished before it could be fetched", conn.api_name, ref.key)
+        for ref, pending in _fetch_all(connector, store, fresh):
+            _record(conn, ref, pending, result)
+            durable.append(ref)
+            keepalive()
     finally:
         # Whatever is durable is marked read, even if the batch stopped half way.
         if durable:
@@ -73,14 +68,65 @@ def _capture_batch(connector, conn, store, refs: list[RemoteMessage], result: Ca
                 (RemoteKey.connection == conn) & (RemoteKey.key.in_([r.key for r in durable]))).execute()
 
 
-def _capture_one(connector, conn, store: RawStore, ref: RemoteMessage, result: CaptureResult) -> bool:
-    pending = store.begin()
-    try:
-        connector.fetch_raw(ref, pending.writer)
-        rel = pending.commit()
-    except BaseException:
-        pending.discard()
-        raise
+def _fetch_all(connector, store: RawStore, refs: list[RemoteMessage]):
+    """Yield (ref, committed PendingRaw) for each message fetched.
+
+    IMAP can fetch many small messages in one round trip
+    (`fetch_raw_batch`); other protocols fetch one by one. Either way each
+    message is streamed to its own file and made durable before it is
+    yielded."""
+    batch = getattr(connector, "fetch_raw_batch", None)
+    if batch is not None and len(refs) > 1:
+        done: dict[str, PendingRaw] = {}
+
+        def dest(ref):
+            return _Durable(store, done, ref.key)
+
+        try:
+            batch(refs, dest)
+        except ConnectorError as e:
+            if e.diagnosis.code not in ("message_not_found", "message_gone"):
+                # Keep what was already made durable: it will be marked read.
+                yield from ((r, done[r.key]) for r in refs if r.key in done)
+                raise
+        yield from ((r, done[r.key]) for r in refs if r.key in done)
+        return
+    for ref in refs:
+        pending = store.begin()
+        try:
+            connector.fetch_raw(ref, pending.writer)
+            pending.commit()
+        except ConnectorError as e:
+            pending.discard()
+            if e.diagnosis.code in ("message_not_found", "message_gone"):
+                log.info("Message %s vanished before it could be fetched", ref.key)
+                continue
+            raise
+        except BaseException:
+            pending.discard()
+            raise
+        yield ref, pending
+
+
+class _Durable:
+    """The file a batch fetch writes one message into; durable on close."""
+
+    def __init__(self, store: RawStore, done: dict, key: str):
+        self.pending, self.done, self.key = store.begin(), done, key
+
+    def __enter__(self):
+        return self.pending.writer
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.pending.commit()
+            self.done[self.key] = self.pending
+        else:
+            self.pending.discard()
+        return False
+
+
+def _record(conn, ref: RemoteMessage, pending: PendingRaw, result: CaptureResult) -> None:
     too_large = pending.size > conn.max_message_size
     with db.atomic():
         msg = (StoredMessage.select().where((StoredMessage.connection == conn)
@@ -88,8 +134,8 @@ def _capture_one(connector, conn, store: RawStore, ref: RemoteMessage, result: C
         if msg is None:
             msg = StoredMessage.create(
                 organization=conn.organization_id, connection=conn, connection_name=conn.name,
-                sha256=pending.sha256, size=pending.size, path=rel, received_at=ref.received or "",
-                message_id=ref.message_id[:998],
+                sha256=pending.sha256, size=pending.size, path=pending.rel, received_at=ref.received or "",
+                message_id=(ref.message_id or "")[:998],
                 state="quarantined" if too_large else "captured",
                 error=(f"Too large to process: {pending.size / 1048576:.1f} MB is over this connection's "
                        f"limit of {conn.max_message_size / 1048576:.0f} MB. The email is stored; raise the "
@@ -100,6 +146,5 @@ def _capture_one(connector, conn, store: RawStore, ref: RemoteMessage, result: C
             else:
                 result.new_message_ids.append(msg.id)
         else:
-            result.duplicates += 1
+            result.duplicates += 1  # same bytes under a new key: UIDVALIDITY changed, re-delivered...
         RemoteKey.create(connection=conn, key=ref.key, message=msg, created_at=utcnow())
-    return True

@@ -32,30 +32,46 @@ def job_id(connection_id: int) -> str:
     return f"fetch-{connection_id}"
 
 
+def lock_key(connection_id: int) -> str:
+    return f"intake:fetch-lock:{connection_id}"
+
+
+def _lock_seconds() -> int:
+    # Short, and extended while the fetch makes progress: a worker killed
+    # mid-fetch blocks its connection for at most this long.
+    return int(runtime.config().get("FETCH_LOCK_SECONDS", 120))
+
+
 def enqueue(connection_id: int) -> Job | None:
     """Queue a fetch unless one is already queued or running."""
     q = queue.queue("fetch")
     jid = job_id(connection_id)
     try:
         existing = Job.fetch(jid, connection=queue.connection())
-        status = existing.get_status(refresh=True)
-        if getattr(status, "value", status) in ("queued", "started", "deferred", "scheduled"):
+        status = getattr(existing.get_status(refresh=True), "value", existing.get_status())
+        if status in ("queued", "deferred", "scheduled"):
             return None
-        existing.delete()
+        if status == "started" and queue.connection().exists(lock_key(connection_id)):
+            return None  # running now
+        existing.delete()  # finished, failed, or orphaned by a killed worker (its lock expired)
     except NoSuchJobError:
         pass
     return q.enqueue(fetch, connection_id, job_id=jid, job_timeout=FETCH_JOB_TIMEOUT, result_ttl=600,
                      failure_ttl=24 * 3600, description=f"Fetch connection {connection_id}")
 
 
+def due(now: dt.datetime):
+    """Enabled, working connections whose next fetch has come."""
+    return (EmailConnection.select(EmailConnection.id, EmailConnection.fetch_interval, EmailConnection.next_fetch_at)
+            .where(EmailConnection.enabled & (EmailConnection.status.not_in(["paused", "never", "grant"]))
+                   & (EmailConnection.next_fetch_at <= now)))
+
+
 def enqueue_due(now: dt.datetime | None = None) -> int:
-    """Claim and queue every enabled connection whose next fetch is due."""
+    """Claim and queue every due connection."""
     now = now or utcnow()
-    due = (EmailConnection.select(EmailConnection.id, EmailConnection.fetch_interval, EmailConnection.next_fetch_at)
-           .where(EmailConnection.enabled & (EmailConnection.status.not_in(["paused", "never", "grant"]))
-                  & (EmailConnection.next_fetch_at <= now)))
     n = 0
-    for c in due:
+    for c in due(now):
         # Compare-and-set: of several schedulers, exactly one moves the time on.
         claimed = (EmailConnection.update(next_fetch_at=now + dt.timedelta(seconds=max(c.fetch_interval, 15)))
                    .where((EmailConnection.id == c.id) & (EmailConnection.next_fetch_at == c.next_fetch_at))
@@ -65,18 +81,17 @@ def enqueue_due(now: dt.datetime | None = None) -> int:
     return n
 
 
-def fetch(connection_id: int) -> dict:
+def fetch(connection_id: int, enqueue_processing: bool = True) -> dict:
     with db.connection_context():
         conn = EmailConnection.get_or_none(EmailConnection.id == connection_id)
         if conn is None:
             return {"skipped": "deleted"}
-        lock = queue.connection().lock(f"intake:fetch-lock:{connection_id}", timeout=FETCH_JOB_TIMEOUT,
-                                       blocking=False)
+        lock = queue.connection().lock(lock_key(connection_id), timeout=_lock_seconds(), blocking=False)
         if not lock.acquire(blocking=False):
             log.info("Fetch of %s skipped: another fetch is running", conn.api_name)
             return {"skipped": "running"}
         try:
-            return _fetch_locked(conn)
+            return _fetch_locked(conn, enqueue_processing, keepalive=_keepalive(lock))
         finally:
             try:
                 lock.release()
@@ -84,13 +99,27 @@ def fetch(connection_id: int) -> dict:
                 pass
 
 
-def _fetch_locked(conn: EmailConnection) -> dict:
+def _keepalive(lock):
+    """Extend the lock at most every few seconds while capture progresses."""
+    import time
+
+    last = [time.monotonic()]
+
+    def beat() -> None:
+        now = time.monotonic()
+        if now - last[0] >= max(1, _lock_seconds() // 4):
+            lock.reacquire()
+            last[0] = now
+    return beat
+
+
+def _fetch_locked(conn: EmailConnection, enqueue_processing: bool = True, keepalive=lambda: None) -> dict:
     run = FetchRun.create(connection=conn)
     store = RawStore(runtime.config()["DATA_DIR"])
     try:
         session = open_session(conn.stored_values(), lambda step: None)
         with session.connector as c:
-            result = capture(c, conn, store)
+            result = capture(c, conn, store, keepalive=keepalive)
         cache = session.new_token_cache()
         if cache is not None:
             conn.oauth_token_cache = cache
@@ -101,10 +130,11 @@ def _fetch_locked(conn: EmailConnection) -> dict:
         log.exception("Unexpected error fetching %s", conn.api_name)
         return _failed(conn, run, Diagnosis("unexpected", f"Unexpected error: {e.__class__.__name__}: {e}",
                                             "See the log file."))
-    from . import process
+    if enqueue_processing:
+        from . import process
 
-    for mid in result.new_message_ids:
-        process.enqueue(mid)
+        for mid in result.new_message_ids:
+            process.enqueue(mid)
     now = utcnow()
     run.listed, run.stored, run.duplicates, run.quarantined = (result.listed, result.stored, result.duplicates,
                                                                result.quarantined)
@@ -121,7 +151,7 @@ def _fetch_locked(conn: EmailConnection) -> dict:
                  + (f", {result.quarantined} sent to quarantine" if result.quarantined else "")
                  + (f", {result.duplicates} already stored" if result.duplicates else "") + ".", _job_id())
     return {"listed": result.listed, "stored": result.stored, "duplicates": result.duplicates,
-            "quarantined": result.quarantined}
+            "quarantined": result.quarantined, "new_message_ids": result.new_message_ids}
 
 
 def _failed(conn: EmailConnection, run: FetchRun, d: Diagnosis) -> dict:

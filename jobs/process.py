@@ -20,3 +20,18 @@ def enqueue(message_id: int, force: bool = False):
     return queue.queue("process").enqueue(run, message_id, force, job_id=f"process-{message_id}-{'r' if force else 'n'}",
                                           job_timeout=600, result_ttl=600, failure_ttl=7 * 24 * 3600,
                                           retry=Retry(max=2, interval=[5, 30]))
+
+
+def enqueue_stale(older_than_seconds: int = 300, now=None) -> int:
+    """Re-queue captured emails nobody is processing (their job was lost
+    with a killed worker). Processing is idempotent, so a spare run is harmless."""
+    import datetime as dt
+
+    from models import StoredMessage, utcnow
+
+    cutoff = (now or utcnow()) - dt.timedelta(seconds=older_than_seconds)
+    ids = [m.id for m in StoredMessage.select(StoredMessage.id).where(
+        (StoredMessage.state == "captured") & (StoredMessage.captured_at < cutoff)).limit(1000)]
+    for mid in ids:
+        enqueue(mid)
+    return len(ids)

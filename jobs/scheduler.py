@@ -27,10 +27,15 @@ def tick(now: float | None = None) -> dict:
     now = now or time.time()
     r = queue.connection()
     r.set(queue.SCHEDULER_HEARTBEAT_KEY, now, ex=120)
-    done = {"fetches": 0, "drafts_removed": 0}
+    done = {"fetches": 0, "drafts_removed": 0, "requeued": 0}
     with db.connection_context():
         done["fetches"] = _enqueue_due_fetches()
-        done["drafts_removed"] = _remove_old_drafts()
+        # Housekeeping about once a minute is plenty.
+        if int(now) % 60 < TICK_SECONDS:
+            from jobs.process import enqueue_stale
+
+            done["requeued"] = enqueue_stale()
+            done["drafts_removed"] = _remove_old_drafts()
     return done
 
 

@@ -2,10 +2,10 @@
 
 
 def register_blueprints(app):
-    from . import access, auth, connections, health, home, oauth, settings
+    from . import access, auth, connections, fetching, health, home, oauth, settings
 
     access.init_app(app)
-    for module in (auth, home, settings, connections, oauth, health):
+    for module in (auth, home, settings, connections, fetching, oauth, health):
         app.register_blueprint(module.bp)
 
     @app.context_processor

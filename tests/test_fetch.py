@@ -1,0 +1,266 @@
+"""Fetching a real Dovecot mailbox into incidents: nothing lost, nothing twice."""
+from __future__ import annotations
+
+import datetime as dt
+import email.message
+import hashlib
+
+import pytest
+
+from models import EmailConnection, FetchRun, Incident, RemoteKey, StoredMessage, db, utcnow
+
+
+def make_mail(i: int, subject: str | None = None, *, msgid: str | None = None, in_reply_to: str = "",
+              body: str = "", sender: str = "reporter@example.com") -> bytes:
+    m = email.message.EmailMessage()
+    m["From"] = sender
+    m["To"] = "phish@example.com"
+    m["Subject"] = subject or f"Suspicious message {i}"
+    m["Message-ID"] = msgid or f"<msg-{i}-{hashlib.md5(str(i).encode()).hexdigest()[:8]}@example.com>"
+    m["Date"] = "Mon, 30 Nov 2026 03:00:00 +0000"
+    if in_reply_to:
+        m["In-Reply-To"] = in_reply_to
+        m["References"] = in_reply_to
+    m.set_content(body or f"Please look at http://bad-{i}.example.net/login now.\n")
+    return bytes(m)
+
+
+@pytest.fixture
+def imap_connection(app, make_admin, dovecot):
+    """A saved, tested IMAP connection to a fresh Dovecot user (plain IMAP)."""
+    def make(routing: str = "incident", **over):
+        email_addr, password = dovecot.add_user()
+        _, _, org = make_admin()
+        with db.connection_context():
+            fields = dict(organization=org, name="Phishing reports", api_name="Phishing", protocol="imap",
+                          host=dovecot.host, port=dovecot.plain_port, encryption="none", email_address=email_addr,
+                          password=password, status="ok", next_fetch_at=utcnow(), routing=routing)
+            fields.update(over)
+            conn = EmailConnection.create(**fields)
+        conn.user = email_addr
+        return conn
+    return make
+
+
+def fetch_and_process(conn, run_jobs) -> dict:
+    from jobs import fetch
+
+    result = fetch.fetch(conn.id)
+    run_jobs()
+    return result
+
+
+def counts(conn):
+    with db.connection_context():
+        return (StoredMessage.select().where(StoredMessage.connection == conn.id).count(),
+                Incident.select().where(Incident.organization == conn.organization_id).count())
+
+
+def append_many(dovecot, user, raws):
+    with dovecot.client(user) as c:
+        for raw in raws:
+            c.append("INBOX", raw)
+
+
+@pytest.mark.slow
+def test_1000_messages_become_1000_incidents_and_a_second_run_adds_nothing(imap_connection, dovecot, run_jobs):
+    conn = imap_connection()
+    append_many(dovecot, conn.user, [make_mail(i) for i in range(1000)])
+    result = fetch_and_process(conn, run_jobs)
+    assert result["stored"] == 1000
+    assert counts(conn) == (1000, 1000)
+    assert dovecot.unseen(conn.user) == []
+    with db.connection_context():
+        assert StoredMessage.select().where(StoredMessage.state != "processed").count() == 0
+        fresh = EmailConnection.get_by_id(conn.id)
+        assert fresh.messages_total == 1000 and fresh.status == "ok" and fresh.last_fetch_at
+    again = fetch_and_process(conn, run_jobs)
+    assert again["listed"] == 0 and counts(conn) == (1000, 1000)
+
+
+def test_crash_before_mark_read_is_repaired_without_duplicates(imap_connection, dovecot, run_jobs, monkeypatch):
+    from connectors.imap import ImapConnector
+
+    conn = imap_connection()
+    append_many(dovecot, conn.user, [make_mail(i) for i in range(5)])
+
+    def crash(self, messages):
+        raise RuntimeError("worker killed before mark read")
+    monkeypatch.setattr(ImapConnector, "mark_read", crash)
+    from jobs import fetch
+    fetch.fetch(conn.id)
+    assert len(dovecot.unseen(conn.user)) == 5  # stored but still unread on the server
+    monkeypatch.undo()
+    again = fetch_and_process(conn, run_jobs)
+    assert again["stored"] == 0 and again["duplicates"] == 5
+    assert counts(conn) == (5, 5)
+    assert dovecot.unseen(conn.user) == []
+
+
+def test_same_message_under_a_new_uid_is_not_stored_twice(imap_connection, dovecot, run_jobs):
+    conn = imap_connection()
+    raw = make_mail(1)
+    append_many(dovecot, conn.user, [raw])
+    fetch_and_process(conn, run_jobs)
+    append_many(dovecot, conn.user, [raw])  # re-delivered: new UID, same bytes
+    again = fetch_and_process(conn, run_jobs)
+    assert again["duplicates"] == 1 and counts(conn) == (1, 1)
+    with db.connection_context():
+        assert RemoteKey.select().where(RemoteKey.connection == conn.id).count() == 2
+
+
+def test_reply_threads_into_its_case_and_subject_tag_threads(imap_connection, dovecot, run_jobs):
+    conn = imap_connection(routing="case")
+    append_many(dovecot, conn.user, [make_mail(1, "Invoice overdue", msgid="<first@example.com>")])
+    fetch_and_process(conn, run_jobs)
+    with db.connection_context():
+        inc = Incident.get(Incident.organization == conn.organization_id)
+    append_many(dovecot, conn.user, [
+        make_mail(2, "Re: Invoice overdue", in_reply_to="<first@example.com>"),
+        make_mail(3, f"More info [{inc.tag}]"),
+        make_mail(4, "Unrelated"),
+    ])
+    fetch_and_process(conn, run_jobs)
+    with db.connection_context():
+        assert Incident.select().where(Incident.organization == conn.organization_id).count() == 2
+        emails = {m.subject: m.incident_id for m in StoredMessage.select().where(StoredMessage.connection == conn.id)}
+    assert emails["Re: Invoice overdue"] == inc.id
+    assert emails[f"More info [{inc.tag}]"] == inc.id
+    assert emails["Unrelated"] != inc.id
+
+
+def test_keep_in_inbox_creates_no_incident(imap_connection, dovecot, run_jobs):
+    conn = imap_connection(routing="inbox")
+    append_many(dovecot, conn.user, [make_mail(1)])
+    fetch_and_process(conn, run_jobs)
+    assert counts(conn) == (1, 0)
+
+
+def test_forwarded_as_attachment_exposes_inner_sender_urls_and_hashes(imap_connection, dovecot, run_jobs):
+    from models import Attachment, Indicator
+
+    inner = email.message.EmailMessage()
+    inner["From"] = "CEO <ceo@evil-payroll.example>"
+    inner["To"] = "victim@example.com"
+    inner["Subject"] = "Urgent wire transfer"
+    inner["Message-ID"] = "<phish@evil-payroll.example>"
+    inner.set_content("Pay now at https://evil-payroll.example/pay?id=1\n")
+    inner.add_attachment(b"MZ\x90\x00fake-exe", maintype="application", subtype="octet-stream",
+                         filename="invoice.exe")
+    report = email.message.EmailMessage()
+    report["From"] = "employee@example.com"
+    report["To"] = "phish@example.com"
+    report["Subject"] = "FW: Urgent wire transfer"
+    report["Message-ID"] = "<report@example.com>"
+    report.set_content("This looks like phishing.\n")
+    report.add_attachment(inner)
+    conn = imap_connection()
+    append_many(dovecot, conn.user, [bytes(report)])
+    fetch_and_process(conn, run_jobs)
+    with db.connection_context():
+        msg = StoredMessage.get(StoredMessage.connection == conn.id)
+        assert msg.state == "processed", msg.error
+        assert "ceo@evil-payroll.example" in msg.evidence_json
+        values = {(i.kind, i.value) for i in Indicator.select().where(Indicator.message == msg)}
+        hashes = {a.sha256 for a in Attachment.select().where(Attachment.message == msg)}
+    exe_sha = hashlib.sha256(b"MZ\x90\x00fake-exe").hexdigest()
+    assert ("email", "ceo@evil-payroll.example") in values
+    assert any(k == "url" and "evil-payroll.example/pay" in v for k, v in values)
+    assert ("sha256", exe_sha) in values and exe_sha in hashes
+
+
+def test_large_message_is_stored_intact(imap_connection, dovecot, run_jobs, app):
+    from ingest.store import RawStore
+
+    body = ("x" * 76 + "\n") * (12 * 1024 * 1024 // 77)  # ~12 MB (the 50 MB run is in bench/)
+    raw = make_mail(1, body=body)
+    conn = imap_connection()
+    append_many(dovecot, conn.user, [raw])
+    fetch_and_process(conn, run_jobs)
+    with db.connection_context():
+        msg = StoredMessage.get(StoredMessage.connection == conn.id)
+    stored = RawStore(app.config["DATA_DIR"]).path(msg.path).read_bytes()
+    # Dovecot may normalise line endings to CRLF: compare what the server holds.
+    with dovecot.client(conn.user) as c:
+        c.select_folder("INBOX")
+        uid = c.search(["ALL"])[0]
+        server_copy = c.fetch([uid], ["BODY.PEEK[]"])[uid][b"BODY[]"]
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(server_copy).hexdigest() == msg.sha256
+
+
+def test_too_large_goes_to_quarantine_and_the_run_goes_on(imap_connection, dovecot, run_jobs):
+    conn = imap_connection(max_message_size=50_000)
+    append_many(dovecot, conn.user, [make_mail(1, body="y" * 80_000), make_mail(2)])
+    result = fetch_and_process(conn, run_jobs)
+    assert result["stored"] == 2 and result["quarantined"] == 1
+    with db.connection_context():
+        states = sorted(m.state for m in StoredMessage.select().where(StoredMessage.connection == conn.id))
+    assert states == ["processed", "quarantined"]
+    assert dovecot.unseen(conn.user) == []
+
+
+def test_repeated_auth_failures_pause_the_connection(imap_connection, run_jobs):
+    from jobs import fetch
+
+    conn = imap_connection()
+    with db.connection_context():
+        EmailConnection.update(password="wrong").where(EmailConnection.id == conn.id).execute()
+    for _ in range(3):
+        fetch.fetch(conn.id)
+    with db.connection_context():
+        fresh = EmailConnection.get_by_id(conn.id)
+    assert fresh.status == "paused" and "paused" in fresh.last_error
+    with db.connection_context():  # not scheduled while paused
+        assert conn.id not in {c.id for c in fetch.due(utcnow() + dt.timedelta(days=1))}
+
+
+def test_transient_failure_backs_off(imap_connection):
+    from jobs import fetch
+
+    conn = imap_connection(port=1)
+    before = utcnow()
+    fetch.fetch(conn.id)
+    with db.connection_context():
+        fresh = EmailConnection.get_by_id(conn.id)
+        assert fresh.status == "failing" and fresh.last_error_code == "connection_refused"
+        assert fresh.next_fetch_at >= before + dt.timedelta(seconds=fresh.fetch_interval * 2)
+        assert FetchRun.get(FetchRun.connection == conn.id).error
+
+
+def test_scheduler_claims_each_due_connection_once(imap_connection, redis_conn):
+    from jobs import fetch
+
+    from services import queue
+
+    conn = imap_connection()
+    now = utcnow()
+    with db.connection_context():
+        assert fetch.enqueue_due(now) >= 1
+        assert conn.id not in {c.id for c in fetch.due(now)}  # claimed: a second scheduler gets nothing
+    assert f"fetch-{conn.id}" in queue.queue("fetch").job_ids
+    assert fetch.enqueue(conn.id) is None  # already queued: not twice
+
+
+def test_lock_prevents_two_concurrent_fetches(imap_connection, redis_conn):
+    from jobs import fetch
+
+    conn = imap_connection()
+    lock = redis_conn.lock(f"intake:fetch-lock:{conn.id}", timeout=30)
+    assert lock.acquire(blocking=False)
+    try:
+        assert fetch.fetch(conn.id) == {"skipped": "running"}
+    finally:
+        lock.release()
+
+
+def test_cli_connections_list_and_fetch(imap_connection, dovecot, runner):
+    conn = imap_connection()
+    append_many(dovecot, conn.user, [make_mail(i) for i in range(3)])
+    org_name = conn.organization.name
+    result = runner.invoke(args=["connections", "list", "--org", org_name])
+    assert result.exit_code == 0 and "Phishing" in result.output and conn.password.reveal() not in result.output
+    result = runner.invoke(args=["connections", "fetch", "Phishing", "--org", org_name])
+    assert result.exit_code == 0, result.output
+    assert "stored: 3" in result.output and "new-incident: 3" in result.output
+    result = runner.invoke(args=["connections", "test", "Phishing", "--org", org_name])
+    assert result.exit_code == 0 and "OK: INBOX opened, 0 unread." in result.output
