@@ -31,13 +31,19 @@ class CaptureResult:
     duplicates: int = 0
     quarantined: int = 0
     new_message_ids: list[int] = field(default_factory=list)
+    on_stored: object = field(default=lambda message_id: None, repr=False)
 
 
 def capture(connector: Connector, conn: EmailConnection, store: RawStore, *, batch_size: int = 100,
-            max_batches: int = 20, keepalive=lambda: None) -> CaptureResult:
+            max_batches: int = 20, keepalive=lambda: None, on_stored=lambda message_id: None) -> CaptureResult:
     """Bounded: at most batch_size × max_batches messages per run.
-    `keepalive` is called as messages are stored (it extends the fetch lock)."""
+
+    `keepalive` is called as messages are stored (it extends the fetch
+    lock); `on_stored(id)` as soon as a message is durable and needs
+    processing, so processing starts at once and is never lost when the
+    run fails half way."""
     result = CaptureResult()
+    result.on_stored = on_stored
     for _ in range(max_batches):
         refs = connector.list_unread(batch_size)
         if not refs:
@@ -54,6 +60,12 @@ def _capture_batch(connector, conn, store, refs: list[RemoteMessage], result: Ca
         (RemoteKey.connection == conn) & (RemoteKey.key.in_([r.key for r in refs])))}
     durable: list[RemoteMessage] = [r for r in refs if r.key in known]
     result.duplicates += len(durable)  # stored by an earlier run that stopped before mark-read
+    if durable:
+        # That run may also have stopped before processing was queued.
+        for (mid,) in (StoredMessage.select(StoredMessage.id).join(RemoteKey)
+                       .where((RemoteKey.connection == conn) & (RemoteKey.key.in_([r.key for r in durable]))
+                              & (StoredMessage.state == "captured")).tuples()):
+            result.on_stored(mid)
     fresh = [r for r in refs if r.key not in known]
     try:
         for ref, pending in _fetch_all(connector, store, fresh):
@@ -128,6 +140,7 @@ class _Durable:
 
 def _record(conn, ref: RemoteMessage, pending: PendingRaw, result: CaptureResult) -> None:
     too_large = pending.size > conn.max_message_size
+    new_id = None
     with db.atomic():
         msg = (StoredMessage.select().where((StoredMessage.connection == conn)
                                             & (StoredMessage.sha256 == pending.sha256)).first())
@@ -145,6 +158,9 @@ def _record(conn, ref: RemoteMessage, pending: PendingRaw, result: CaptureResult
                 result.quarantined += 1
             else:
                 result.new_message_ids.append(msg.id)
+                new_id = msg.id
         else:
             result.duplicates += 1  # same bytes under a new key: UIDVALIDITY changed, re-delivered...
         RemoteKey.create(connection=conn, key=ref.key, message=msg, created_at=utcnow())
+    if new_id is not None:
+        result.on_stored(new_id)  # after commit: the processing job must find the row

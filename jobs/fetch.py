@@ -116,25 +116,24 @@ def _keepalive(lock):
 def _fetch_locked(conn: EmailConnection, enqueue_processing: bool = True, keepalive=lambda: None) -> dict:
     run = FetchRun.create(connection=conn)
     store = RawStore(runtime.config()["DATA_DIR"])
+    from . import process
+
+    on_stored = process.enqueue if enqueue_processing else (lambda message_id: None)
     try:
         session = open_session(conn.stored_values(), lambda step: None)
         with session.connector as c:
-            result = capture(c, conn, store, keepalive=keepalive)
+            result = capture(c, conn, store, keepalive=keepalive, on_stored=on_stored)
         cache = session.new_token_cache()
         if cache is not None:
             conn.oauth_token_cache = cache
             conn.oauth_last_refresh_at = utcnow()
+        conn.oauth_token_expires_at = session.token_expires_at() or conn.oauth_token_expires_at
     except ConnectorError as e:
         return _failed(conn, run, e.diagnosis)
     except Exception as e:
         log.exception("Unexpected error fetching %s", conn.api_name)
         return _failed(conn, run, Diagnosis("unexpected", f"Unexpected error: {e.__class__.__name__}: {e}",
                                             "See the log file."))
-    if enqueue_processing:
-        from . import process
-
-        for mid in result.new_message_ids:
-            process.enqueue(mid)
     now = utcnow()
     run.listed, run.stored, run.duplicates, run.quarantined = (result.listed, result.stored, result.duplicates,
                                                                result.quarantined)
@@ -145,6 +144,7 @@ def _fetch_locked(conn: EmailConnection, enqueue_processing: bool = True, keepal
         messages_total=EmailConnection.messages_total + result.stored, messages_last_run=result.stored,
         consecutive_failures=0, last_error="", last_error_code="", status="ok",
         oauth_token_cache=conn.oauth_token_cache, oauth_last_refresh_at=conn.oauth_last_refresh_at,
+        oauth_token_expires_at=conn.oauth_token_expires_at,
     ).where(EmailConnection.id == conn.id).execute()
     if result.stored or result.quarantined:
         conn.log("info", f"Fetched {result.stored} new email(s)"
@@ -182,6 +182,7 @@ def dry_run(connection_id: int, limit: int = 10) -> list[dict]:
     """The next `limit` unread messages and what would happen to each;
     nothing is stored and nothing is marked read."""
     from ingest.parse import ParseError, parse_file
+    from ingest.process import format_address
     from ingest.route import preview_route
 
     with db.connection_context():
@@ -200,7 +201,7 @@ def dry_run(connection_id: int, limit: int = 10) -> list[dict]:
                     else:
                         try:
                             parsed = parse_file(tmp.name)
-                            item.update(subject=parsed.subject, sender=parsed.from_addr,
+                            item.update(subject=parsed.subject, sender=format_address(parsed.from_),
                                         action=preview_route(conn, parsed))
                         except ParseError as e:
                             item.update(subject="", sender="", action=f"quarantine: {e}")

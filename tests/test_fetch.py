@@ -258,9 +258,28 @@ def test_cli_connections_list_and_fetch(imap_connection, dovecot, runner):
     append_many(dovecot, conn.user, [make_mail(i) for i in range(3)])
     org_name = conn.organization.name
     result = runner.invoke(args=["connections", "list", "--org", org_name])
-    assert result.exit_code == 0 and "Phishing" in result.output and conn.password.reveal() not in result.output
+    assert result.exit_code == 0 and "Phishing" in result.output and str(conn.password) not in result.output
     result = runner.invoke(args=["connections", "fetch", "Phishing", "--org", org_name])
     assert result.exit_code == 0, result.output
     assert "stored: 3" in result.output and "new-incident: 3" in result.output
     result = runner.invoke(args=["connections", "test", "Phishing", "--org", org_name])
     assert result.exit_code == 0 and "OK: INBOX opened, 0 unread." in result.output
+
+
+def test_exchange_connection_fetches_through_the_same_path(app, make_admin, ews_server, run_jobs):
+    from jobs import fetch
+
+    acct = ews_server.new_account("phish")
+    ids = [ews_server.put(acct.address, make_mail(i)) for i in range(3)]
+    _, _, org = make_admin()
+    with db.connection_context():
+        conn = EmailConnection.create(
+            organization=org, name="Exchange reports", api_name="Exchange", protocol="exchange",
+            endpoint=ews_server.url, email_address=acct.address, password=acct.password,
+            trusted_cert_pem=ews_server.cert.cert_pem.decode(), status="ok", next_fetch_at=utcnow())
+    result = fetch.fetch(conn.id)
+    assert result["stored"] == 3, result
+    run_jobs()
+    assert counts(conn) == (3, 3)
+    assert all(ews_server.is_read(i) for i in ids)
+    assert fetch.fetch(conn.id)["listed"] == 0
