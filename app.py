@@ -61,7 +61,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     _register_error_pages(app)
 
     import commands
-    commands.register(app)
+    import commands_api
+    import commands_mail
+
+    for module in (commands, commands_api, commands_mail):
+        module.register(app)
     return app
 
 
@@ -74,7 +78,8 @@ def _register_error_pages(app: Flask) -> None:
     app.register_error_handler(CSRFError, lambda e: page(
         400, "Form expired", "The form's security token is missing or invalid. Reload the page and try again."))
     app.register_error_handler(403, lambda e: page(
-        403, "Not allowed", "Only administrators of this organization can open this page."))
+        403, "Not allowed", "Your account may not open this page. Settings are for the organization's "
+        "administrators; other pages need membership of an organization."))
     app.register_error_handler(404, lambda e: page(404, "Not found", "There is nothing at this address."))
 
     def _server_error(e):

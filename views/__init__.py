@@ -2,10 +2,11 @@
 
 
 def register_blueprints(app):
-    from . import access, auth, connections, fetching, health, home, oauth, settings
+    from . import access, auth, connections, fetching, health, home, inbox, incidents, oauth, settings
+    from . import api, api_tokens
 
     access.init_app(app)
-    for module in (auth, home, settings, connections, fetching, oauth, health):
+    for module in (auth, home, settings, connections, fetching, oauth, health, incidents, inbox, api, api_tokens):
         app.register_blueprint(module.bp)
 
     @app.context_processor

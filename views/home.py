@@ -1,5 +1,5 @@
 """The landing page after sign-in."""
-from flask import Blueprint, g, redirect, url_for
+from flask import Blueprint, g, redirect, render_template, url_for
 
 from .access import login_required
 
@@ -9,8 +9,9 @@ bp = Blueprint("home", __name__)
 @bp.get("/")
 @login_required
 def index():
-    """Admins land on their connections; others on a short welcome."""
+    """Admins land on their connections, analysts on the incidents."""
     if g.membership is not None and g.membership.is_admin:
         return redirect(url_for("connections.index"))
-    from flask import render_template
+    if g.org is not None:
+        return redirect(url_for("incidents.index"))
     return render_template("home.html")

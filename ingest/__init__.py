@@ -1,0 +1,1 @@
+"""Ingest processing: parse hostile email, extract indicators, sanitize HTML."""
