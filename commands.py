@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 from flask import Flask
 
-from models import EmailConnection, SECRET_FIELDS, User, db
+from models import EmailConnection, SECRET_FIELDS, User, db, write_transaction
 from services import crypto, database
 
 
@@ -42,7 +42,7 @@ def register(app: Flask) -> None:
     def rotate_keys_cmd():
         """Re-encrypt every stored secret under the first key of ENCRYPTION_KEYS."""
         n = 0
-        with db.connection_context(), db.atomic():
+        with db.connection_context(), write_transaction():
             for field in SECRET_FIELDS:
                 column = getattr(EmailConnection, field)
                 for row_id, token in db.execute_sql(

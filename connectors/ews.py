@@ -532,13 +532,14 @@ class ExchangeConnector(Connector):
 
     def _presented_certificate(self):
         """What the server showed, so the admin can compare and upload it.
-        The probe goes direct: behind a proxy it may not reach the server."""
+        Through the connection's proxy when it has one: behind a proxy the
+        server is often not reachable directly."""
         from .tls import probe_certificate
 
         parts = urlsplit(self.settings.endpoint.strip())
         try:
             return probe_certificate(parts.hostname, parts.port or 443,
-                                     timeout=min(self.settings.connect_timeout, 10))
+                                     timeout=min(self.settings.connect_timeout, 10), proxy=self.settings.proxy)
         except (OSError, ValueError) as exc:
             log.info("could not read the certificate of %s: %s", parts.hostname, type(exc).__name__)
             return None

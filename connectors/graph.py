@@ -20,7 +20,7 @@ import requests
 
 from .base import CheckResult, ConnectionSettings, Connector, Progress, RemoteMessage, split_mailbox
 from .errors import ConnectorError, Diagnosis
-from .http import diagnose_http, session_for
+from .http import diagnose_http, session_for, with_presented_certificate
 from .oauth import GRAPH_READ_WRITE, GRAPH_READ_WRITE_SHARED, Token, TokenProvider, graph_scopes
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class GraphConnector(Connector):
     def _network(self, exc: BaseException, url: str) -> Diagnosis:
         d = diagnose_http(exc, self.settings, url, what="Microsoft Graph", host_field="graph_endpoint")
         if d is not None:
-            return d
+            return with_presented_certificate(d, self.settings, url)
         return Diagnosis("connection_lost", f"The connection to Microsoft Graph failed: {type(exc).__name__}.",
                          "Check the Graph Endpoint, this server's network and the proxy settings, then try again.",
                          field="graph_endpoint")

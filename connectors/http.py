@@ -100,6 +100,23 @@ def diagnose_http(exc: BaseException, settings: ConnectionSettings, url: str, *,
     return d
 
 
+def with_presented_certificate(d: Optional[Diagnosis], settings: ConnectionSettings, url: str) -> Optional[Diagnosis]:
+    """An untrusted server certificate, with the certificate the server
+    presented (read through the connection's proxy, if any), so the page can
+    show it and offer the "Certificate file" upload."""
+    if d is None or d.code != "untrusted_certificate" or d.certificate is not None:
+        return d
+    from .tls import probe_certificate
+
+    parts = urlsplit(url)
+    try:
+        cert = probe_certificate(parts.hostname or "", parts.port or 443, proxy=settings.proxy,
+                                 timeout=min(settings.connect_timeout, 10))
+    except (OSError, ValueError):
+        return d  # the diagnosis still says what is wrong; only the details are missing
+    return dataclasses.replace(d, certificate=cert)
+
+
 # urllib3 reports a refused CONNECT as "Tunnel connection failed: 407 Proxy
 # Authentication Required". Only that phrase carries the proxy's status: a
 # looser pattern picks up digits from "127.0.0.1" or "(_ssl.c:1006)".

@@ -106,6 +106,7 @@ class ImapConnector(Connector):
                                        timeout=timeout)
         self._client = client
         client.normalise_times = False  # keep the server's time zone; we convert to UTC
+        _quiet_imaplib(client)
         if self.encryption == "starttls":
             # The capability list from the greeting, before anything is sent.
             if not client.has_capability("STARTTLS"):
@@ -411,7 +412,7 @@ class ImapConnector(Connector):
             return self._login_failed(exc)
         if isinstance(exc, IMAPClientAbortError):
             return Diagnosis(
-                "connection_lost", f"{_WHAT.capitalize()} at {self.host}:{self.port} closed the connection "
+                "connection_lost", f"The IMAP server at {self.host}:{self.port} closed the connection "
                 f"while {stage}.", "Try again. If it keeps happening, check the server's logs and limits.",
                 extra={"server_response": self._redact(str(exc))})
         if stage == "opening folder" and isinstance(exc, IMAPClientError):
@@ -425,20 +426,20 @@ class ImapConnector(Connector):
         said = self._redact(str(exc))
         extra = {"server_response": said}
         if "UNAVAILABLE" in said:
-            return Diagnosis("server_busy", f"{_WHAT.capitalize()} could not check the login right now.",
+            return Diagnosis("server_busy", f"The IMAP server could not check the login right now.",
                              "This is temporary on the server's side; try again in a few minutes.", extra=extra)
         if "PRIVACYREQUIRED" in said:
             return self._encryption_required()
         if self.settings.oauth is not None:
             return Diagnosis(
                 "auth_failed",
-                f"{_WHAT.capitalize()} rejected the OAuth sign-in for {split_mailbox(self.settings.email_address)[1]}.",
+                f"The IMAP server rejected the OAuth sign-in for {split_mailbox(self.settings.email_address)[1]}.",
                 "Check that the app has the IMAP permission (IMAP.AccessAsUser.All or IMAP.AccessAsApp), that "
                 "IMAP is enabled for the mailbox, and that the account may open it; then sign in again.",
                 field="email_address", extra=extra)
         return Diagnosis(
             "auth_failed",
-            f"{_WHAT.capitalize()} rejected the email address or password for "
+            f"The IMAP server rejected the email address or password for "
             f"{self.settings.email_address.strip()}.",
             "Check the password and the email address. For a shared mailbox use "
             "primary@domain\\shared@domain with the primary account's password. Microsoft 365 and Gmail "
@@ -448,7 +449,7 @@ class ImapConnector(Connector):
     def _starttls_unavailable(self) -> Diagnosis:
         return Diagnosis(
             "starttls_unavailable",
-            f"{_WHAT.capitalize()} at {self.host}:{self.port} does not offer STARTTLS, so Intake did not "
+            f"The IMAP server at {self.host}:{self.port} does not offer STARTTLS, so Intake did not "
             "send the password.",
             "Choose SSL/TLS if the server supports it (usually port 993), or ask the mail administrator to "
             "enable STARTTLS. Choose None only on a network you trust: the password would travel unencrypted.",
@@ -457,7 +458,7 @@ class ImapConnector(Connector):
     def _encryption_required(self) -> Diagnosis:
         return Diagnosis(
             "encryption_required",
-            f"{_WHAT.capitalize()} at {self.host}:{self.port} does not accept passwords without encryption.",
+            f"The IMAP server at {self.host}:{self.port} does not accept passwords without encryption.",
             "Choose STARTTLS (usually port 143) or SSL/TLS (usually port 993).", field="encryption")
 
     def _probe(self):
@@ -475,6 +476,16 @@ class ImapConnector(Connector):
             if secret and len(secret) >= 3:
                 text = text.replace(secret, "***")
         return text
+
+
+def _quiet_imaplib(client: imapclient.IMAPClient) -> None:
+    """imapclient sets imaplib's debug level to 5 and routes it to the
+    "imapclient.imaplib" logger. At that level imaplib formats a repr of every
+    response it keeps, message bodies included, before the logger drops it:
+    a 1 MiB chunk or an 8 MiB batch costs several times its size in CPU and
+    memory for nothing. Keep that output only when the logger would print it."""
+    if not logging.getLogger("imapclient.imaplib").isEnabledFor(logging.DEBUG):
+        client._imap.debug = 0
 
 
 def _parse_key(key: str) -> tuple[int, int]:

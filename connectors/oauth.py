@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from .base import ConnectionSettings, OAuthSettings, split_mailbox
 from .errors import ConnectorError, Diagnosis
-from .http import diagnose_http, session_for
+from .http import diagnose_http, session_for, with_presented_certificate
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +322,9 @@ class TokenProvider:
         self._http = http_client
         self._app: Optional[msal.ConfidentialClientApplication] = None
         self._lock = threading.RLock()
+        # When the last access token handed out expires (epoch seconds; 0 = none
+        # yet): the connection page shows it ("token valid until").
+        self.token_expires_on = 0.0
 
     # -- state the caller persists ---------------------------------------
     @property
@@ -420,8 +423,10 @@ class TokenProvider:
             result = self._delegated_token(app, scopes, force_refresh)
         if "access_token" not in result:
             raise ConnectorError(self.diagnose(result, during="refresh"))
-        return Token(result["access_token"], time.time() + int(result.get("expires_in") or 0), tuple(scopes),
-                     result.get("token_type") or "Bearer")
+        token = Token(result["access_token"], time.time() + int(result.get("expires_in") or 0), tuple(scopes),
+                      result.get("token_type") or "Bearer")
+        self.token_expires_on = token.expires_on
+        return token
 
     def _app_only_token(self, app, scopes: list) -> dict:
         if not all(s.endswith("/.default") for s in scopes):
@@ -495,10 +500,10 @@ class TokenProvider:
     # -- diagnosis --------------------------------------------------------
     def _network(self, exc: BaseException) -> Diagnosis:
         host = urlsplit(self.authority).hostname or self.authority
-        d = diagnose_http(exc, self.settings, self.authority, what=f"the Microsoft sign-in service ({host})",
+        d = diagnose_http(exc, self.settings, self.authority, what="the Microsoft sign-in service",
                           host_field="authority_host")
         if d is not None:
-            return d
+            return with_presented_certificate(d, self.settings, self.authority)
         return Diagnosis(
             "identity_unreachable", f"Could not talk to the Microsoft sign-in service at {host}.",
             "Check the Authority Host, this server's network and proxy settings, then try again.",

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from .base import ProxySettings
 from .errors import PresentedCertificate
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,17 @@ def _load_certifi(ctx: ssl.SSLContext) -> None:
 # -- showing what a server presents ---------------------------------------
 
 def probe_certificate(host: str, port: int, *, starttls: Optional[str] = None,
-                      timeout: float = 10) -> PresentedCertificate:
+                      timeout: float = 10, proxy: ProxySettings | None = None) -> PresentedCertificate:
     """Connect and read the certificate chain the server presents (leaf
-    first). Never sends credentials. `starttls="imap"` upgrades a plain IMAP
-    connection first. Raises OSError/ssl.SSLError when no certificate could
-    be read."""
+    first). Never sends credentials to the server. `starttls="imap"`
+    upgrades a plain IMAP connection first. With `proxy` (Exchange, OAuth,
+    Graph behind a proxy) the probe goes through an HTTP CONNECT tunnel, the
+    way the real connection does: the server may not be reachable directly
+    at all. Raises OSError/ssl.SSLError when no certificate could be read."""
+    if proxy is not None:
+        if starttls:
+            raise ValueError("STARTTLS through a proxy is not supported")
+        return _probe_through_proxy(host, port, proxy, timeout)
     # Verification is off here ONLY so the admin can be shown the certificate
     # that failed verification; nothing is sent over this connection.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -88,6 +95,76 @@ def probe_certificate(host: str, port: int, *, starttls: Optional[str] = None,
     if not chain:
         raise ssl.SSLError(f"{host}:{port} presented no certificate")
     return _presented(chain)
+
+
+def _probe_through_proxy(host: str, port: int, proxy: ProxySettings, timeout: float) -> PresentedCertificate:
+    """The proxy is verified as for a real connection (the proxy password
+    goes to it); only the server's certificate inside the tunnel is read
+    unverified, for the same reason as in probe_certificate: to show the
+    admin the certificate that failed verification. Nothing is sent
+    through the tunnel but the TLS handshake."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=timeout) as raw:
+        sock: socket.socket = raw
+        if proxy.protocol == "https":
+            # Verified with the public roots plus the proxy certificate the admin uploaded.
+            sock = client_context(proxy.certificate_pem).wrap_socket(raw, server_hostname=proxy.host)
+        try:
+            _connect_tunnel(sock, host, port, proxy)
+            # Verification off ONLY to show the admin the server certificate that failed it.
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            tls = _handshake_over(sock, ctx, host)
+            chain = _presented_chain(tls)
+        finally:
+            if sock is not raw:
+                sock.close()
+    if not chain:
+        raise ssl.SSLError(f"{host}:{port} presented no certificate")
+    return _presented(chain)
+
+
+def _connect_tunnel(sock: socket.socket, host: str, port: int, proxy: ProxySettings) -> None:
+    """`CONNECT host:port` with Basic proxy authentication; raises OSError
+    unless the proxy answers 200."""
+    import base64
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+    if proxy.username:
+        token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
+        lines.append(f"Proxy-Authorization: Basic {token}")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    reader = _LineReader(sock)
+    status_line = reader.line()
+    while reader.line() not in (b"\r\n", b"\n"):
+        pass  # the rest of the proxy's headers
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or parts[1] != b"200":
+        raise ConnectionRefusedError(f"the proxy refused the tunnel: {status_line.strip()[:120]!r}")
+
+
+def _handshake_over(sock: socket.socket, ctx: ssl.SSLContext, host: str) -> ssl.SSLObject:
+    """A TLS handshake through memory buffers over `sock`, which may itself
+    be a TLS socket (an HTTPS proxy): ssl cannot wrap an SSLSocket twice."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pending = outgoing.read()
+            if pending:
+                sock.sendall(pending)
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("the server closed the connection during the TLS handshake")
+            incoming.write(data)
+    pending = outgoing.read()
+    if pending:
+        sock.sendall(pending)
+    return tls
 
 
 def _imap_starttls(sock: socket.socket) -> None:
@@ -177,6 +254,19 @@ def load_certificate_upload(data: bytes) -> str:
                 "for the renewed certificate; expired certificates are never trusted.")
     unique = {c.fingerprint(hashes.SHA256()): c for c in certs}
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in unique.values())
+
+
+def add_certificates(stored_pem: str, new_pem: str) -> str:
+    """The connection's trusted certificates plus a new upload. One
+    connection can need several: an OAuth connection talks to the sign-in
+    service and to Exchange or Graph, each maybe with its own certificate.
+    Duplicates and expired ones are dropped; the newest uploads are kept
+    when there are too many."""
+    now = dt.datetime.now(dt.timezone.utc)
+    certs = _parse_certificates((stored_pem or "").encode()) + _parse_certificates(new_pem.encode())
+    unique = {c.fingerprint(hashes.SHA256()): c for c in certs if c.not_valid_after_utc >= now}
+    kept = list(unique.values())[-MAX_UPLOAD_CERTIFICATES:]
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in kept)
 
 
 def _parse_certificates(data: bytes) -> list[x509.Certificate]:

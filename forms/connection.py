@@ -263,7 +263,7 @@ class ConnectionForm(FlaskForm):
             self._oauth_values(values)
         if self.remove_trusted_certificate.data:
             values["trusted_cert_pem"] = ""
-        ok = self._upload(self.trusted_certificate, values, "trusted_cert_pem")
+        ok = self._upload(self.trusted_certificate, values, "trusted_cert_pem", add=True)
         ok = self._upload(self.proxy_certificate, values, "proxy_cert_pem") and ok
         ok = self._client_certificate(values) and ok
         return values if ok else None
@@ -282,14 +282,17 @@ class ConnectionForm(FlaskForm):
         if self.oauth_client_secret.data:
             values["oauth_client_secret"] = self.oauth_client_secret.data.strip()
 
-    def _upload(self, field, values: dict, key: str) -> bool:
+    def _upload(self, field, values: dict, key: str, add: bool = False) -> bool:
+        """`add`: trusted in addition to the certificates already stored
+        (server certificates); otherwise the upload replaces (the proxy's)."""
         data = _read(field)
         if data is None:
             return True
-        from connectors.tls import load_certificate_upload
+        from connectors.tls import add_certificates, load_certificate_upload
 
         try:
-            values[key] = load_certificate_upload(data)
+            pem = load_certificate_upload(data)
+            values[key] = add_certificates(values.get(key) or "", pem) if add else pem
             return True
         except ValueError as e:
             field.errors.append(str(e))

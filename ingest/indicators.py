@@ -343,13 +343,17 @@ _URL_ATTRIBUTES = {
     "longdesc", "lowsrc", "dynsrc", "srcset", "xlink:href",
 }
 # Everything that can carry a link or a resource, including what the display
-# sanitizer removes (forms and iframes are exactly the interesting ones).
+# sanitizer removes (forms are exactly the interesting ones). No raw-text
+# element (iframe, textarea, style, noscript, xmp…): html5ever writes their
+# content unescaped, which would break the "< only in tags" property that
+# _split_canonical relies on. An iframe's src is lost; mail clients never
+# load iframes, so phishing does not rely on them.
 _INDICATOR_TAGS = {
-    "a", "abbr", "area", "audio", "b", "base", "blockquote", "body", "br", "button",
-    "center", "div", "embed", "font", "form", "frame", "i", "iframe", "img", "input",
-    "li", "link", "map", "meta", "object", "ol", "p", "source", "span", "strong",
-    "table", "tbody", "td", "th", "tr", "track", "u", "ul", "video", "h1", "h2", "h3",
-    "h4", "h5", "h6", "pre", "blockquote", "em", "font", "small", "big", "section",
+    "a", "abbr", "area", "audio", "b", "base", "big", "blockquote", "body", "br", "button",
+    "center", "div", "em", "embed", "font", "form", "frame", "h1", "h2", "h3", "h4", "h5",
+    "h6", "i", "img", "input", "li", "link", "map", "meta", "object", "ol", "p",
+    "pre", "section", "small", "source", "span", "strong", "table", "tbody", "td", "th",
+    "tr", "track", "u", "ul", "video",
 }
 _INDICATOR_SCHEMES = {"http", "https", "hxxp", "hxxps", "ftp", "mailto"}
 _REFRESH_URL = re.compile(r"url\s*=\s*['\"]?([^'\"\s>]+)", re.I)

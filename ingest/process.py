@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
-from models import MAX_PROCESS_ATTEMPTS, Attachment, Indicator, StoredMessage, db, utcnow
+from models import MAX_PROCESS_ATTEMPTS, Attachment, Indicator, StoredMessage, db, write_transaction, utcnow
 
 from . import route
 from .parse import ParseError, parse_file
@@ -62,7 +62,7 @@ def _quarantine(msg: StoredMessage, error: str) -> str:
 def _store_parsed(msg: StoredMessage, parsed, store: RawStore) -> str:
     attachments = _attachment_rows(parsed, store)
     indicators = extract_indicators(parsed)
-    with db.atomic():
+    with write_transaction():
         fresh = StoredMessage.get_by_id(msg.id)
         if fresh.state == "processed":
             return "skipped"  # another worker finished it first: never two incidents

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 from peewee import IntegrityError, fn
 
-from models import EmailConnection, Incident, StoredMessage, db, utcnow
+from models import EmailConnection, Incident, StoredMessage, db, write_transaction, utcnow
 
 CASE_TAG = re.compile(r"\[\s*INC-(\d{1,9})\s*\]", re.I)
 MSGID = re.compile(r"<[^<>\s]+>")
@@ -45,7 +45,7 @@ def new_incident(org_id: int, title: str, connection: EmailConnection | None = N
     """Numbers are per organization; a clash with a concurrent worker retries."""
     for _ in range(10):
         try:
-            with db.atomic():
+            with write_transaction():
                 number = (Incident.select(fn.COALESCE(fn.MAX(Incident.number), 0))
                           .where(Incident.organization == org_id).scalar()) + 1
                 return Incident.create(organization=org_id, number=number, title=(title or "(no subject)")[:500],
@@ -92,7 +92,7 @@ def preview_route(conn: EmailConnection, parsed) -> str:
 
 def attach_to(msg: StoredMessage, incident: Incident) -> None:
     """An analyst adds an Inbox email to a case."""
-    with db.atomic():
+    with write_transaction():
         msg.incident, msg.route = incident, "attached"
         msg.save()
         Incident.update(updated_at=utcnow()).where(Incident.id == incident.id).execute()
@@ -100,7 +100,7 @@ def attach_to(msg: StoredMessage, incident: Incident) -> None:
 
 def create_from(msg: StoredMessage, user=None) -> Incident:
     """An analyst creates an incident from an Inbox email."""
-    with db.atomic():
+    with write_transaction():
         inc = new_incident(msg.organization_id, msg.subject, msg.connection, user)
         msg.incident, msg.route = inc, "created"
         msg.save()

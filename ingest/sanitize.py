@@ -159,19 +159,75 @@ def html_is_tractable(html: str, *, max_tags: int = MAX_TAGS, max_depth: int = M
     harmless HTML may be declared intractable (and shown as text), but hostile
     HTML cannot slip under the bound.
     """
-    tags = _TAG_TOKEN.findall(html)  # counted in C before the slower walk below
-    if len(tags) > max_tags:
+    if len(_TAG_TOKEN.findall(html)) > max_tags:  # counted in C before the slower walk
         return False
     model = _DepthModel()
-    for slash, name in tags:
-        name = name.lower()
-        if slash:
+    for is_end, name in _tag_events(html):
+        if is_end:
             model.end_tag(name)
         else:
             model.start_tag(name)
         if model.live > max_depth:
             return False
     return True
+
+
+# The tokenizer below follows html5ever's (WHATWG) data-state rules for where
+# tags, comments and attribute values begin and end, because an end tag seen
+# where the browser sees text (inside a comment or a quoted attribute) would
+# make the depth estimate too low. Where the rules depend on tree state it
+# cannot see (raw-text elements, CDATA), it reports start tags but drops end
+# tags: that can only raise the estimate.
+_MARKUP = re.compile(
+    r"<!--(?:>|->|[\s\S]*?(?:-->|--!>|\Z))"  # comment, with the abrupt forms
+    r"|<!\[CDATA\[[^>]*>?"  # CDATA, or a bogus comment outside foreign content
+    r"|<[!?][^>]*>?|</(?![A-Za-z])[^>]*>?"  # doctype and other bogus comments
+    r"|<(/?)([A-Za-z][^\t\n\f\r />]*)"  # a tag: the name only, the rest below
+)
+_TAG_TAIL = re.compile(
+    r"(?:[\t\n\f\r /]+"
+    r"|[^\t\n\f\r />][^\t\n\f\r />=]*"
+    r"(?:[\t\n\f\r ]*=[\t\n\f\r ]*(?:\"[^\"]*\"?|'[^']*'?|[^\t\n\f\r >]*))?)*>?"
+)
+# Elements whose content html5ever reads as text (in HTML content) up to the
+# matching end tag. script and plaintext never reliably end, so after them
+# end tags are ignored for the rest of the document.
+_RAW_TEXT = {"style", "textarea", "title", "xmp", "iframe", "noembed", "noframes", "noscript"}
+_RAW_FOREVER = {"script", "plaintext"}
+
+
+def _tag_events(html: str):
+    """Yield (is_end_tag, lower-case name) in document order."""
+    position = 0
+    while True:
+        match = _MARKUP.search(html, position)
+        if match is None:
+            return
+        if match.group(2) is None:  # comment, doctype, bogus comment
+            position = match.end()
+            if match.group(0).startswith("<![CDATA["):
+                position = yield from _start_tags_until(html, position, re.compile(r"\]\]>"))
+            continue
+        is_end, name = bool(match.group(1)), match.group(2).lower()
+        position = _TAG_TAIL.match(html, match.end()).end()
+        yield is_end, name
+        if not is_end and name in _RAW_FOREVER:
+            yield from _start_tags_until(html, position, None)
+            return
+        if not is_end and name in _RAW_TEXT:
+            end_tag = re.compile(rf"</{re.escape(name)}(?=[\t\n\f\r />]|\Z)", re.I)
+            position = yield from _start_tags_until(html, position, end_tag)
+
+
+def _start_tags_until(html: str, position: int, terminator: re.Pattern | None):
+    """Start tags up to ``terminator`` (end of input if None); returns the
+    position of the terminator so normal tokenizing resumes there."""
+    found = terminator.search(html, position) if terminator else None
+    stop = found.start() if found else len(html)
+    for match in _TAG_TOKEN.finditer(html, position, stop):
+        if not match.group(1):
+            yield False, match.group(2).lower()
+    return stop
 
 
 _VOID = {
@@ -209,7 +265,7 @@ class _DepthModel:
     """
 
     def __init__(self) -> None:
-        self.stack: list[str | None] = []  # None marks an element removed from the middle
+        self.stack: list[str] = []
         self.live = 0
         self.where: dict[str, list[int]] = defaultdict(list)
         self.barriers: list[int] = []
@@ -233,8 +289,6 @@ class _DepthModel:
             self.foreign += 1
 
     def _pop(self) -> str:
-        while self.stack[-1] is None:
-            self.stack.pop()
         name = self.stack.pop()
         index = len(self.stack)
         self.where[name].pop()
@@ -273,10 +327,7 @@ class _DepthModel:
         return self.stack[self.barriers[-1]] if self.barriers else None
 
     def _top(self) -> str | None:
-        for name in reversed(self.stack):
-            if name is not None:
-                return name
-        return None
+        return self.stack[-1] if self.stack else None
 
     # -- tokens -------------------------------------------------------------
     def start_tag(self, name: str) -> None:
@@ -301,8 +352,10 @@ class _DepthModel:
         elif name in ("a", "nobr"):
             self._end_formatting(name)
         elif name in ("td", "th") or name in _TABLE_PARTS:
+            # Only inside a table: in body content html5ever ignores these
+            # tags (and the model, pushing them, merely over-counts).
             self._close_cell()
-            if name in _TABLE_PARTS:
+            if name in _TABLE_PARTS and self._head() == "table":
                 self._close_in_scope(name)
         elif name == "table" and self._top() in _TABLE_PARTS | {"table"}:
             self._close_head("table")
@@ -312,9 +365,12 @@ class _DepthModel:
     def end_tag(self, name: str) -> None:
         if name in _MERGED or name in _VOID:
             return
-        if name in ("table",) or name in _TABLE_PARTS:
+        if name == "table" or name in _TABLE_PARTS:
             self._close_cell_for(name)
-        if name in _BARRIERS:
+        if name in _TABLE_PARTS:
+            if self._head() == "table":  # elsewhere html5ever ignores them
+                self._close_in_scope(name)
+        elif name in _BARRIERS:
             self._close_head(name)
         elif name in _FORMATTING:
             self._end_formatting(name)

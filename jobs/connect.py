@@ -3,6 +3,7 @@ connection's fields become `ConnectionSettings` and which credentials each
 protocol needs."""
 from __future__ import annotations
 
+import datetime as dt
 from typing import Optional
 
 
@@ -53,6 +54,16 @@ class Session:
         if self.tokens is not None and self.tokens.cache_changed:
             return self.tokens.serialized_cache()
         return None
+
+    def token_expires_at(self) -> Optional[dt.datetime]:
+        """When the access token used expires (naive UTC), for the connection page."""
+        expires_on = self.tokens.token_expires_on if self.tokens is not None else 0
+        return epoch_to_utc(expires_on) if expires_on else None
+
+
+def epoch_to_utc(seconds: float) -> dt.datetime:
+    """Epoch seconds as the naive UTC datetime the models store."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(tzinfo=None)
 
 
 def open_session(values: dict, progress: Progress) -> Session:

@@ -12,9 +12,9 @@ from peewee import IntegrityError
 from rq import get_current_job
 
 from connectors.errors import ConnectorError, Diagnosis
-from models import EDITABLE_FIELDS, ConnectionDraft, EmailConnection, db, utcnow
+from models import EDITABLE_FIELDS, PROTOCOLS, ConnectionDraft, EmailConnection, db, write_transaction, utcnow
 
-from .connect import open_session
+from .connect import epoch_to_utc, open_session
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ def _run(draft: ConnectionDraft) -> dict:
         cache = session.new_token_cache()
         if cache is not None:
             values["oauth_token_cache"] = cache
+            values["oauth_refreshed_on"] = time.time()
+        if session.tokens is not None and session.tokens.token_expires_on:
+            values["oauth_token_expires_on"] = session.tokens.token_expires_on
     except ConnectorError as e:
         return _record_failure(conn, label, e.diagnosis)
     except Exception as e:  # a bug or an unforeseen library error: still a clear answer
@@ -67,6 +70,7 @@ def _run(draft: ConnectionDraft) -> dict:
             "unexpected", f"The test stopped with an unexpected error: {e.__class__.__name__}: {e}",
             "See the log file for details. If it keeps happening, report it with the log lines."))
     _progress("saving")
+    previous = conn.protocol if conn is not None else None
     try:
         conn = save_tested(draft, values)
     except IntegrityError:
@@ -74,18 +78,27 @@ def _run(draft: ConnectionDraft) -> dict:
                                  "Choose another API Name.", field="api_name"))
     summary = f"Test succeeded: {result.folder} opened, {result.unread} unread."
     conn.log("info", summary, job_id=_job_id())
+    migrated = previous is not None and previous != conn.protocol
+    if migrated:
+        conn.log("info", f"Protocol changed from {PROTOCOLS.get(previous, previous)} to {conn.protocol_label}. "
+                 "Mail and incidents it already brought in are kept.", job_id=_job_id())
     log.info("Connection %s saved. %s", label, summary)
     return {"ok": True, "connection_id": conn.id, "api_name": conn.api_name, "folder": result.folder,
-            "unread": result.unread, "message": summary}
+            "unread": result.unread, "message": summary, "migrated": migrated}
 
 
 def save_tested(draft: ConnectionDraft, values: dict) -> EmailConnection:
     """Copy the tested values onto the connection in one transaction."""
-    with db.atomic():
+    with write_transaction():
         conn = draft.connection or EmailConnection(organization=draft.organization)
         for name in EDITABLE_FIELDS + ("oauth_token_cache", "oauth_account_username", "oauth_account_name"):
             if name in values:
                 setattr(conn, name, values[name])
+        # Token health (epoch seconds in the draft): from Grant Access or this test.
+        for attr, key in (("oauth_token_expires_at", "oauth_token_expires_on"),
+                          ("oauth_last_refresh_at", "oauth_refreshed_on")):
+            if values.get(key):
+                setattr(conn, attr, epoch_to_utc(float(values[key])))
         now = utcnow()
         conn.status, conn.last_test_at, conn.updated_at = "ok", now, now
         conn.last_error = conn.last_error_code = ""

@@ -71,7 +71,7 @@ def enqueue_due(now: dt.datetime | None = None) -> int:
     """Claim and queue every due connection."""
     now = now or utcnow()
     n = 0
-    for c in due(now):
+    for c in list(due(now)):  # read all first: SQLite cannot write while this read is open
         # Compare-and-set: of several schedulers, exactly one moves the time on.
         claimed = (EmailConnection.update(next_fetch_at=now + dt.timedelta(seconds=max(c.fetch_interval, 15)))
                    .where((EmailConnection.id == c.id) & (EmailConnection.next_fetch_at == c.next_fetch_at))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from connectors.errors import ConnectorError
@@ -19,6 +20,22 @@ FLOW_TTL = 15 * 60
 
 def _key(state: str) -> str:
     return f"intake:oauth-flow:{state}"
+
+
+def _notice_key(draft_id: str) -> str:
+    return f"intake:oauth-notice:{draft_id}"
+
+
+def leave_notice(draft_id: str, category: str, message: str) -> None:
+    """What the form says when the admin is back from signing in. It waits in
+    Redis because the sign-in answer arrives without the session cookie,
+    where a flash() would replace that cookie and sign the admin out."""
+    queue.connection().set(_notice_key(draft_id), json.dumps([category, message]), ex=FLOW_TTL)
+
+
+def take_notice(draft_id: str) -> tuple[str, str] | None:
+    raw = queue.connection().getdel(_notice_key(draft_id))
+    return tuple(json.loads(raw)) if raw else None
 
 
 def delegated_scopes(values: dict) -> list[str]:
@@ -82,8 +99,39 @@ def complete(state: str, params: dict, user_id: int | None, org_id: int | None) 
     except ConnectorError as e:
         return GrantOutcome(draft, error=f"{e.diagnosis.message} {e.diagnosis.hint}".strip())
     values.update(oauth_token_cache=provider.serialized_cache(), oauth_account_username=result.username,
-                  oauth_account_name=result.name or result.username)
+                  oauth_account_name=result.name or result.username, oauth_refreshed_on=time.time(),
+                  oauth_token_expires_on=result.expires_on)
     draft.payload = crypto.encrypt(json.dumps(values, default=str))
     draft.save()
     log.info("Office 365 access granted for %s as %s", values.get("api_name"), result.username)
     return GrantOutcome(draft, username=result.username, name=result.name)
+
+
+def graph_migration_draft(conn, user, certificate_upload=None) -> ConnectionDraft:
+    """Migrate to Graph: a draft of this same connection with protocol
+    `graph`, tested by the ordinary Test job; the connection changes only if
+    that test succeeds, and then in place: same id, credentials, grant
+    (refresh tokens are not tied to EWS: Graph scopes are asked for with the
+    same grant) and history.
+
+    No email is fetched twice. RemoteKey rows are per connection and keyed
+    by the server's item id, and EWS item ids differ from Graph ids, so the
+    old keys do not match. But capture (ingest/capture.py) also looks up
+    each fetched message's SHA-256 among this connection's StoredMessages and
+    records a match as a duplicate (a new RemoteKey to the same message),
+    not a new email. Messages fetched by EWS were marked read anyway, so
+    Graph, which lists unread mail only, normally never sees them; the hash
+    covers those that were not (a crash before mark-read, or marked unread
+    again) as long as Exchange serves the same MIME through both APIs.
+
+    `certificate_upload`: a "Certificate file" uploaded after a failed
+    attempt (Graph's certificate), trusted in addition to the stored ones."""
+    from connectors.tls import add_certificates, load_certificate_upload
+
+    values = conn.stored_values()
+    values["protocol"] = "graph"
+    data = certificate_upload.read() if certificate_upload and certificate_upload.filename else b""
+    if data:
+        values["trusted_cert_pem"] = add_certificates(values.get("trusted_cert_pem") or "",
+                                                      load_certificate_upload(data))
+    return ConnectionDraft.make(conn.organization, values, connection=conn, user=user)

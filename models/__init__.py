@@ -1,5 +1,5 @@
 """peewee models. Import from here: `from models import EmailConnection`."""
-from .base import BaseModel, EncryptedField, db, utcnow
+from .base import BaseModel, EncryptedField, db, utcnow, write_transaction
 from .connection import (EDITABLE_FIELDS, PROTOCOLS, SECRET_FIELDS, STATUS_LABELS, ConnectionDraft,
                          ConnectionLog, EmailConnection)
 from .mail import (MAX_PROCESS_ATTEMPTS, Attachment, FetchRun, Incident, Indicator, RemoteKey,
@@ -13,7 +13,7 @@ ALL_MODELS_V1 = [Organization, User, Membership, EmailConnection, ConnectionDraf
 ALL_MODELS = list(ALL_MODELS_V1)
 
 __all__ = [
-    "db", "utcnow", "BaseModel", "EncryptedField", "Organization", "User", "Membership",
+    "db", "utcnow", "write_transaction", "BaseModel", "EncryptedField", "Organization", "User", "Membership",
     "EmailConnection", "ConnectionDraft", "ConnectionLog", "ALL_MODELS", "PROTOCOLS",
     "STATUS_LABELS", "EDITABLE_FIELDS", "SECRET_FIELDS", "Incident", "StoredMessage", "RemoteKey",
     "Attachment", "Indicator", "FetchRun", "MAX_PROCESS_ATTEMPTS", "ApiToken",

@@ -11,6 +11,18 @@ from services.crypto import Secret
 db = DatabaseProxy()
 
 
+def write_transaction():
+    """A transaction that will write. On SQLite it starts with BEGIN
+    IMMEDIATE: a plain (deferred) transaction that reads first and then
+    writes fails at once with "database is locked" when another process
+    wrote in between, instead of waiting for busy_timeout."""
+    from peewee import SqliteDatabase
+
+    if isinstance(db.obj, SqliteDatabase):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 

@@ -114,6 +114,13 @@ class EmailConnection(BaseModel):
     def status_label(self) -> str:
         return STATUS_LABELS.get(self.status, self.status)
 
+    @property
+    def oauth_health(self):
+        """Office 365 sign-in state and expiry warnings, or None (models/oauth_health.py)."""
+        from .oauth_health import oauth_health
+
+        return oauth_health(self)
+
     def log(self, level: str, message: str, job_id: str = "") -> "ConnectionLog":
         return ConnectionLog.create(connection=self, level=level, message=message, job_id=job_id)
 

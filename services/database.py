@@ -25,7 +25,11 @@ def open_database(url: str):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        database = connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
+        # BEGIN IMMEDIATE: a transaction takes the write lock up front and
+        # waits for it (busy_timeout). A deferred one that reads and then
+        # writes fails at once with "database is locked" when another worker
+        # committed in between (WAL snapshot), so workers could not share it.
+        database = connect(url, pragmas=SQLITE_PRAGMAS, timeout=10, lock_type="IMMEDIATE")
     else:
         database = connect(url, unquote_password=True)
     db.initialize(database)

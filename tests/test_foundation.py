@@ -78,8 +78,8 @@ def test_secrets_are_encrypted_at_rest_and_never_rendered(admin_client):
 
     conn = _make_connection(admin_client.org)
     with db.connection_context():
-        row = db.execute_sql('SELECT password, proxy_password, oauth_client_secret FROM email_connection WHERE id = ?',
-                             (conn.id,)).fetchone()
+        row = db.execute_sql('SELECT password, proxy_password, oauth_client_secret FROM email_connection WHERE id = ?'
+                             .replace("?", db.param), (conn.id,)).fetchone()
     for raw, plain in zip(row, ("s3cret-Passw0rd!", "proxy-Secret-9", "client-Secret-7")):
         assert raw and plain not in raw and raw.startswith("gAAAA")  # a Fernet token
     pages = ["/settings/connections/", f"/settings/connections/{conn.api_name}",

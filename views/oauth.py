@@ -1,10 +1,10 @@
-"""Office 365 Access: Grant Access / Switch Account and the /email-oauth redirect."""
+"""Office 365 Access: Grant Access / Switch Account, the /email-oauth redirect, and Migrate to Graph."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, flash, g, make_response, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, g, make_response, redirect, render_template, request, url_for
 
 from extensions import csrf
-from jobs import oauth_grant
+from jobs import connection_test, oauth_grant
 
 from .access import admin_required
 from .connections import draft_from_form, get_connection_or_404
@@ -42,7 +42,7 @@ def _grant(conn):
         if diagnosis is None:
             current_app.logger.exception("Grant Access could not start")
         return render_template("connections/_test_status.html", draft_id=draft.id, status={"state": "finished"},
-                               diagnosis=diagnosis.to_dict() if diagnosis else {
+                               action="Grant Access", diagnosis=diagnosis.to_dict() if diagnosis else {
                                    "code": "unexpected", "message": f"Grant Access could not start: {e}",
                                    "hint": "See the log file."})
     resp = make_response("")
@@ -59,14 +59,39 @@ def callback():
     user_id = g.user.id if g.get("user") else None
     org_id = g.org.id if g.get("org") else None
     outcome = oauth_grant.complete(params.get("state", ""), params, user_id, org_id)
-    if outcome.error:
-        flash(outcome.error, "error")
-    else:
-        flash(f"Signed in as {outcome.name or outcome.username}. Now press Test and Save Connection.", "success")
+    # No flash() here: a form POST from the sign-in page carries no session
+    # cookie, and a new session cookie would sign the admin out.
     draft = outcome.draft
     if draft is None:
-        return redirect(url_for("connections.index"), code=303)
+        return render_template("connections/oauth_error.html", message=outcome.error), 400
+    if outcome.error:
+        oauth_grant.leave_notice(draft.id, "error", outcome.error)
+    else:
+        oauth_grant.leave_notice(draft.id, "success", f"Signed in as {outcome.name or outcome.username}. "
+                                 "Now press Test and Save Connection.")
     # 303: the browser follows with a GET, which does carry the session cookie.
     if draft.connection_id:
         return redirect(url_for("connections.edit", api_name=draft.connection.api_name, draft=draft.id), code=303)
     return redirect(url_for("connections.new", draft=draft.id), code=303)
+
+
+@bp.post("/settings/connections/<api_name>/migrate-graph")
+@admin_required
+def migrate_graph(api_name):
+    """Migrate to Graph: test this OAuth (EWS) connection as Microsoft Graph; switch it only if that works."""
+    conn = get_connection_or_404(api_name)
+    if conn.protocol != "oauth":
+        return render_template("connections/_test_status.html", draft_id=None, status={"state": "finished"},
+                               action="Migrate to Graph", diagnosis={
+                                   "code": "not_migratable", "message": f"{conn.name} uses {conn.protocol_label}.",
+                                   "hint": "Only OAuth (Office 365) connections that use EWS can be migrated."})
+    try:
+        draft = oauth_grant.graph_migration_draft(conn, g.user, request.files.get("trusted_certificate"))
+    except ValueError as e:  # an unusable certificate upload
+        return render_template("connections/_test_status.html", draft_id=None, status={"state": "finished"},
+                               action="Migrate to Graph", diagnosis={"code": "invalid_certificate",
+                                                                     "message": str(e)})
+    connection_test.enqueue(draft)
+    current_app.logger.info("%s started migrating connection %s to Microsoft Graph", g.user.email, conn.api_name)
+    return render_template("connections/_test_status.html", draft_id=draft.id, action="Migrate to Graph",
+                           status={"state": "queued", "step": "Queued", "elapsed": 0})

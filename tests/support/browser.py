@@ -23,10 +23,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 class LiveServer:
-    def __init__(self, app):
+    def __init__(self, app, port: int):
         from werkzeug.serving import make_server
 
-        self.port = free_port()
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = make_server("127.0.0.1", self.port, app, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -48,16 +48,25 @@ def worker_env(app_config: dict) -> dict:
 
 
 @pytest.fixture(scope="session")
-def worker_process(app_config):
-    """A real `python worker.py` on the suite's Redis and database."""
+def live_config(app_config):
+    """The live server's config: BASE_URL is its real address, so the
+    Grant Access redirect URI (BASE_URL + /email-oauth) leads back to it."""
+    port = free_port()
+    return dict(app_config, BASE_URL=f"http://127.0.0.1:{port}", LIVE_PORT=port)
+
+
+@pytest.fixture(scope="module")
+def worker_process(live_config):
+    """A real `python worker.py` on the suite's Redis and database, for one
+    test module: tests that run jobs in-process must not race it."""
     from app import create_app
 
-    create_app(dict(app_config))  # migrations applied before the worker starts
-    proc = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=worker_env(app_config),
+    create_app(dict(live_config))  # migrations applied before the worker starts
+    proc = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=worker_env(live_config),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     if proc.poll() is not None:
-        pytest.fail(f"worker.py exited with {proc.returncode}; see {app_config['LOG_FILE']}")
+        pytest.fail(f"worker.py exited with {proc.returncode}; see {live_config['LOG_FILE']}")
     yield proc
     proc.terminate()
     try:
@@ -66,13 +75,13 @@ def worker_process(app_config):
         proc.kill()
 
 
-@pytest.fixture(scope="session")
-def live_server(app_config, redis_url, worker_process):
+@pytest.fixture(scope="module")
+def live_server(live_config, redis_url, worker_process):
     from app import create_app
 
-    cfg = dict(app_config)
-    server = LiveServer(create_app(cfg))
-    cfg["BASE_URL"] = server.url
+    cfg = dict(live_config)
+    server = LiveServer(create_app(cfg), cfg["LIVE_PORT"])
+    assert server.url == cfg["BASE_URL"]
     server.app_config = cfg
     yield server
     server.stop()
