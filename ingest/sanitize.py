@@ -25,7 +25,7 @@ import nh3
 # smaller, and the worst-case parse cost grows with size.
 MAX_HTML_CHARS = 1_000_000
 # Bounds that keep html5ever's per-token stack scans cheap (see _DepthModel).
-MAX_TAGS = 50_000
+MAX_TAGS = 30_000
 MAX_DEPTH = 128
 
 _ALLOWED_TAGS = {
@@ -131,7 +131,7 @@ def _as_plain_text(html: str) -> str:
     """Fallback rendering for HTML too hostile to parse: escaped text only."""
     text = _SPACES.sub(" ", html_to_text_roughly(html))
     body = htmllib.escape(text).replace("\n", "<br>")
-    return "<p><em>[This HTML was too deeply nested to display; showing its text.]</em></p><p>" + body + "</p>"
+    return "<p><em>[This HTML is too large or too deeply nested to display; showing its text.]</em></p><p>" + body + "</p>"
 
 
 _ANY_TAG = re.compile(r"<[^<>]*>")  # [^<>], not [^>]: stays linear on "<<<<"
@@ -162,11 +162,15 @@ def html_is_tractable(html: str, *, max_tags: int = MAX_TAGS, max_depth: int = M
     if len(_TAG_TOKEN.findall(html)) > max_tags:  # counted in C before the slower walk
         return False
     model = _DepthModel()
-    for is_end, name in _tag_events(html):
+    for is_end, name, plain in _tag_events(html):
+        if name == "template":
+            # Template contents switch html5ever into insertion modes with
+            # their own super-linear paths; mail has no use for templates.
+            return False
         if is_end:
             model.end_tag(name)
         else:
-            model.start_tag(name)
+            model.start_tag(name, certain=plain)
         if model.live > max_depth:
             return False
     return True
@@ -197,7 +201,7 @@ _RAW_FOREVER = {"script", "plaintext"}
 
 
 def _tag_events(html: str):
-    """Yield (is_end_tag, lower-case name) in document order."""
+    """Yield (is_end_tag, lower-case name, outside raw text) in document order."""
     position = 0
     while True:
         match = _MARKUP.search(html, position)
@@ -210,7 +214,7 @@ def _tag_events(html: str):
             continue
         is_end, name = bool(match.group(1)), match.group(2).lower()
         position = _TAG_TAIL.match(html, match.end()).end()
-        yield is_end, name
+        yield is_end, name, True
         if not is_end and name in _RAW_FOREVER:
             yield from _start_tags_until(html, position, None)
             return
@@ -226,7 +230,7 @@ def _start_tags_until(html: str, position: int, terminator: re.Pattern | None):
     stop = found.start() if found else len(html)
     for match in _TAG_TOKEN.finditer(html, position, stop):
         if not match.group(1):
-            yield False, match.group(2).lower()
+            yield False, match.group(2).lower(), False
     return stop
 
 
@@ -252,31 +256,37 @@ _SPECIAL = _BARRIERS | _P_CLOSERS | _VOID | {
     "title", "tr", "search", "colgroup",
 }
 _TABLE_PARTS = {"tr", "tbody", "thead", "tfoot"}
+_TABLE_TAGS = _TABLE_PARTS | {"td", "th", "caption", "table", "col", "colgroup"}
 
 
 class _DepthModel:
-    """An upper bound of html5ever's stack of open elements, built from tag names.
+    """An upper bound of html5ever's stack of open elements, built from tags.
 
-    It pops only where the HTML5 tree-building rules certainly pop (matching
-    end tags with nothing in scope in the way, the implied closes of p, li,
-    dd/dt, cells and rows) and keeps popped formatting elements, which
-    html5ever reconstructs. Where a rule is uncertain it keeps elements open,
-    so the estimate only errs upwards. Everything is O(1) amortized per tag.
+    Every element is pushed, but marked *certain* only where html5ever
+    surely pushes it too (ordinary content; not inside svg/math or select,
+    not raw text, not a table part outside a table, not a reopened
+    formatting element). Pops happen only where the HTML5 tree-building
+    rules surely pop, anchored on a certain element with nothing that might
+    be a scope boundary in the way. Everything uncertain therefore errs
+    towards a deeper stack. O(1) amortized per tag.
     """
 
     def __init__(self) -> None:
         self.stack: list[str] = []
+        self.certain: list[bool] = []
         self.live = 0
         self.where: dict[str, list[int]] = defaultdict(list)
         self.barriers: list[int] = []
         self.specials: list[int] = []
         self.lists: list[int] = []  # ul/ol: the extra boundary for li
         self.foreign = 0
+        self.forms_open = False
 
     # -- primitives ---------------------------------------------------------
-    def _push(self, name: str) -> None:
+    def _push(self, name: str, certain: bool) -> None:
         index = len(self.stack)
         self.stack.append(name)
+        self.certain.append(certain)
         self.where[name].append(index)
         self.live += 1
         if name in _BARRIERS:
@@ -290,6 +300,7 @@ class _DepthModel:
 
     def _pop(self) -> str:
         name = self.stack.pop()
+        self.certain.pop()
         index = len(self.stack)
         self.where[name].pop()
         self.live -= 1
@@ -303,44 +314,63 @@ class _DepthModel:
             self.foreign -= 1
         return name
 
-    def _pop_to(self, index: int, *, keep_target_formatting: bool = False) -> None:
-        """Pop down to and including ``index``; reopen formatting elements."""
+    def _pop_to(self, index: int) -> None:
+        """Pop down to and including ``index``; formatting elements popped on
+        the way come back (html5ever reconstructs them), as uncertain."""
         reopen: list[str] = []
         while len(self.stack) > index:
             name = self._pop()
-            last = len(self.stack) == index
             if name in _MARKERS:
                 reopen.clear()  # a marker clears the formatting list above it
-            elif name in _FORMATTING and (not last or keep_target_formatting):
+            elif name in _FORMATTING and len(self.stack) > index:
                 reopen.append(name)
         for name in reversed(reopen):
-            self._push(name)
+            self._push(name, certain=False)
 
     def _floor(self) -> int:
         return self.barriers[-1] if self.barriers else -1
 
-    def _topmost(self, name: str) -> int:
+    def _anchor(self, name: str) -> int:
+        """Index of the topmost ``name`` if html5ever surely has it open and
+        no scope boundary lies above it; else -1."""
         found = self.where.get(name)
-        return found[-1] if found else -1
+        if not found:
+            return -1
+        index = found[-1]
+        return index if index > self._floor() and self.certain[index] else -1
 
     def _head(self) -> str | None:
-        return self.stack[self.barriers[-1]] if self.barriers else None
+        """The topmost scope boundary, if html5ever surely has it."""
+        if self.barriers and self.certain[self.barriers[-1]]:
+            return self.stack[self.barriers[-1]]
+        return None
 
     def _top(self) -> str | None:
-        return self.stack[-1] if self.stack else None
+        return self.stack[-1] if self.stack and self.certain[-1] else None
+
+    def _plain_context(self) -> bool:
+        """Ordinary HTML content, where html5ever's rules are predictable."""
+        return not self.foreign and self._head() != "select" and not (
+            self.barriers and not self.certain[self.barriers[-1]])
 
     # -- tokens -------------------------------------------------------------
-    def start_tag(self, name: str) -> None:
+    def start_tag(self, name: str, *, certain: bool = True) -> None:
         if name in _MERGED:
             return
         if name in _VOID and not self.foreign:
             return
-        self._implied_closes(name)
-        self._push(name)
+        certain = certain and self._plain_context()
+        if certain:
+            if name in _TABLE_TAGS and name != "table" and self._head() not in ("table", "td", "th", "caption"):
+                return  # in body content html5ever drops table parts entirely
+            certain = self._implied_closes(name)
+        self._push(name, certain)
 
-    def _implied_closes(self, name: str) -> None:
+    def _implied_closes(self, name: str) -> bool:
+        """Apply the pops this start tag surely causes; False when html5ever
+        might ignore or re-route the tag (so it must not anchor later pops)."""
         if name in _P_CLOSERS:
-            self._close_in_scope("p")
+            self._close_to(self._anchor("p"))
         if name in _HEADINGS and self._top() in _HEADINGS:
             self._pop()
         elif name == "li":
@@ -351,72 +381,85 @@ class _DepthModel:
             self._pop()
         elif name in ("a", "nobr"):
             self._end_formatting(name)
-        elif name in ("td", "th") or name in _TABLE_PARTS:
-            # Only inside a table: in body content html5ever ignores these
-            # tags (and the model, pushing them, merely over-counts).
-            self._close_cell()
-            if name in _TABLE_PARTS and self._head() == "table":
-                self._close_in_scope(name)
-        elif name == "table" and self._top() in _TABLE_PARTS | {"table"}:
-            self._close_head("table")
-        elif name in ("select", "button"):
-            self._close_head(name)
+        elif name in _TABLE_TAGS:
+            return self._table_start(name)
+        elif name in ("button", "select") and self._head() == name:
+            self._pop_to(self.barriers[-1])
+        elif name == "form":
+            # Ignored while another form is open; its end tag only removes
+            # the form itself, so forms never anchor anything.
+            return False
+        return name != "image"
+
+    def _table_start(self, name: str) -> bool:
+        if name == "table":
+            if self._head() == "table" and self._top() in _TABLE_PARTS | {"table"}:
+                self._pop_to(self.barriers[-1])  # <table> directly in a table closes it
+            return True
+        if self._head() in ("td", "th", "caption"):
+            self._pop_to(self.barriers[-1])  # a new cell, row or section closes the cell
+        if self._head() != "table":
+            return False
+        if name == "tr":
+            self._close_to(self._anchor("tr"))
+        elif name in ("tbody", "thead", "tfoot"):
+            self._close_to(max(self._anchor(n) for n in ("tbody", "thead", "tfoot")))
+        return True
 
     def end_tag(self, name: str) -> None:
-        if name in _MERGED or name in _VOID:
+        if name in _MERGED or name in _VOID or name == "form":
             return
-        if name == "table" or name in _TABLE_PARTS:
-            self._close_cell_for(name)
-        if name in _TABLE_PARTS:
-            if self._head() == "table":  # elsewhere html5ever ignores them
-                self._close_in_scope(name)
+        if name in _TABLE_TAGS:
+            self._table_end(name)
         elif name in _BARRIERS:
-            self._close_head(name)
+            if self._head() == name:
+                self._pop_to(self.barriers[-1])
         elif name in _FORMATTING:
             self._end_formatting(name)
         elif name in _HEADINGS:
-            tops = [self._topmost(h) for h in _HEADINGS]
-            best = max(tops)
-            if best > self._floor():
-                self._pop_to(best)
+            self._close_to(max(self._anchor(h) for h in _HEADINGS))
         elif name == "li":
-            index = self._topmost("li")
-            if index > self._floor() and (not self.lists or self.lists[-1] < index):
-                self._pop_to(index)
+            index = self._anchor("li")
+            if not self.lists or self.lists[-1] < index:
+                self._close_to(index)
         elif name in _SPECIAL:
-            self._close_in_scope(name)
+            self._close_to(self._anchor(name))
         else:
-            # "Any other end tag": stops at the first special element.
-            index = self._topmost(name)
-            if index > self._floor() and (not self.specials or self.specials[-1] <= index):
-                self._pop_to(index)
+            # "Any other end tag" stops at the first special element.
+            index = self._anchor(name)
+            if not self.specials or self.specials[-1] <= index:
+                self._close_to(index)
+
+    def _table_end(self, name: str) -> None:
+        if name in ("td", "th", "caption", "table") and self._head() == name:
+            self._pop_to(self.barriers[-1])
+            return
+        if name == "table" or name in _TABLE_PARTS:
+            # Inside a cell, </tr> </table>… close the cell first, but only
+            # when that element really is in table scope below it.
+            if self._head() in ("td", "th") and len(self.barriers) >= 2:
+                below = self.barriers[-2]
+                if self.stack[below] == "table" and self.certain[below] and (
+                        name == "table" or self._anchor_below(name, below)):
+                    self._pop_to(self.barriers[-1])
+            if self._head() == "table":
+                if name == "table":
+                    self._pop_to(self.barriers[-1])
+                else:
+                    self._close_to(self._anchor(name))
+
+    def _anchor_below(self, name: str, floor: int) -> bool:
+        found = self.where.get(name)
+        return bool(found) and found[-1] > floor and self.certain[found[-1]]
 
     # -- rules --------------------------------------------------------------
-    def _close_in_scope(self, name: str) -> None:
-        index = self._topmost(name)
-        if index > self._floor():
+    def _close_to(self, index: int) -> None:
+        if index >= 0:
             self._pop_to(index)
 
-    def _close_head(self, name: str) -> None:
-        if self._head() == name:
-            self._pop_to(self.barriers[-1])
-
-    def _close_cell(self) -> None:
-        if self._head() in ("td", "th"):
-            self._pop_to(self.barriers[-1])
-
-    def _close_cell_for(self, name: str) -> None:
-        # </tr>, </table>… inside a cell close the cell first, but only when
-        # the element really is in table scope below it.
-        if self._head() not in ("td", "th") or len(self.barriers) < 2:
-            return
-        below = self.barriers[-2]
-        if self.stack[below] == "table" and (name == "table" or self._topmost(name) > below):
-            self._pop_to(self.barriers[-1])
-
     def _close_list_item(self, names: set[str]) -> None:
-        index = max(self._topmost(n) for n in names)
-        if index <= self._floor() or (self.lists and self.lists[-1] > index):
+        index = max(self._anchor(n) for n in names)
+        if index < 0 or (self.lists and self.lists[-1] > index):
             return
         # html5ever stops at special elements other than address/div/p; look
         # at a few and treat anything longer as "stopped" (over-estimate).
@@ -428,8 +471,8 @@ class _DepthModel:
         self._pop_to(index)
 
     def _end_formatting(self, name: str) -> None:
-        index = self._topmost(name)
-        if index <= self._floor():
+        index = self._anchor(name)
+        if index < 0:
             return
         if self.specials and self.specials[-1] > index:
             # With a "furthest block" the adoption agency re-parents instead

@@ -102,6 +102,8 @@ def test_deeply_nested_html_is_shown_as_text_quickly():
     "<table>" + "<tr><td>a<td>b" * 1000 + "</table>",  # unclosed cells and rows
     ("<table><tr><td>" * 20 + "x" + "</td></tr></table>" * 20) * 50,  # Outlook-style nesting
     '<p><font face="Arial">text</font></p>' * 2000,
+    "<td>stray cell</td></tr>" + "<div><span>x</span></div>" * 2000,  # table parts outside a table
+    "<!--[if mso]><table><tr><td><![endif]-->" + "<div>x</div>" * 2000 + "<!--[if mso]></td></tr></table><![endif]-->",
 ])
 def test_sloppy_but_ordinary_html_is_tractable(html):
     assert html_is_tractable(html)
