@@ -126,7 +126,7 @@ class ConnectionForm(FlaskForm):
     oauth_client_secret = PasswordField("Client secret", validators=[Optional(), Length(max=1024)])
     oauth_secret_expires = DateField("Client secret expires", validators=[Optional()])
     oauth_certificate = FileField("Certificate (PEM or PFX)", validators=[FileSize(CERT_SIZE)])
-    oauth_private_key = FileField("Private key (PEM, if not in the certificate file)", validators=[FileSize(CERT_SIZE)])
+    oauth_private_key = FileField("Private key (PEM, when not inside the certificate)", validators=[FileSize(CERT_SIZE)])
     oauth_pfx_passphrase = PasswordField("Certificate passphrase", validators=[Optional(), Length(max=1024)])
     oauth_access = SelectField("Access", choices=[("delegated", "Delegated (Grant Access as a user)"),
                                                   ("application", "Application (app-only)")], default="delegated")
@@ -182,6 +182,8 @@ class ConnectionForm(FlaskForm):
             self._check(self.email_address, mailbox_address_error(self.email_address.data))
         if self.imap_auth.data == "password":
             self._validate_secret(self.password, "password", "Enter the password for this email address.")
+        else:
+            self._validate_oauth_app()
 
     def _validate_exchange(self) -> None:
         if self._require(self.endpoint, "Enter the EWS endpoint, like https://mail.example.com/EWS/Exchange.asmx."):
@@ -194,6 +196,12 @@ class ConnectionForm(FlaskForm):
         if self.protocol.data == "oauth" and self._require(
                 self.endpoint, "Enter the EWS endpoint, like https://outlook.office365.com/EWS/Exchange.asmx."):
             self._check(self.endpoint, endpoint_error(self.endpoint.data))
+        self._validate_oauth_app()
+        if self._require(self.email_address, "Enter the email address of the mailbox."):
+            self._check(self.email_address, mailbox_address_error(self.email_address.data))
+
+    def _validate_oauth_app(self) -> None:
+        """The Entra app registration fields (OAuth, Graph, IMAP XOAUTH2)."""
         if self._require(self.oauth_client_id, "Enter the Application (Client) ID of your Microsoft Entra app."):
             self._check(self.oauth_client_id, _guid_error(self.oauth_client_id.data))
         tenant = (self.oauth_tenant_id.data or "").strip()
@@ -209,8 +217,6 @@ class ConnectionForm(FlaskForm):
                                   "Enter the client secret's Value (not its Secret ID).")
         elif not self.oauth_certificate.data and not self._stored("oauth_cert_pem"):
             self.oauth_certificate.errors.append("Upload the certificate registered with your Entra app.")
-        if self._require(self.email_address, "Enter the email address of the mailbox."):
-            self._check(self.email_address, mailbox_address_error(self.email_address.data))
         for field in (self.oauth_authority_host, self.graph_endpoint):
             value = (field.data or "").strip()
             if value:
@@ -259,7 +265,7 @@ class ConnectionForm(FlaskForm):
                     values["proxy_password"] = self.proxy_password.data
                 if not values["proxy_username"]:
                     values["proxy_password"] = ""
-        if protocol in ("oauth", "graph"):
+        if protocol in ("oauth", "graph") or (protocol == "imap" and self.imap_auth.data == "xoauth2"):
             self._oauth_values(values)
         if self.remove_trusted_certificate.data:
             values["trusted_cert_pem"] = ""
