@@ -69,10 +69,12 @@ def _store_parsed(msg: StoredMessage, parsed, store: RawStore) -> str:
         _fill(fresh, parsed)
         Attachment.delete().where(Attachment.message == fresh).execute()
         Indicator.delete().where(Indicator.message == fresh).execute()
-        for row in attachments:
-            Attachment.create(message=fresh, **row)
-        for ind in indicators:
-            Indicator.create(message=fresh, kind=ind.kind, value=str(ind.value)[:2000], source=ind.source[:255])
+        if attachments:
+            Attachment.insert_many([dict(row, message=fresh.id) for row in attachments]).execute()
+        for chunk in range(0, len(indicators), 200):  # bounded statement size
+            Indicator.insert_many([
+                {"message": fresh.id, "kind": i.kind, "value": str(i.value)[:2000], "source": i.source[:255]}
+                for i in indicators[chunk:chunk + 200]]).execute()
         routing = fresh.connection.routing if fresh.connection_id else "incident"
         outcome = route.apply(fresh, routing) if fresh.incident_id is None else "kept"
         fresh.state, fresh.error, fresh.processed_at = "processed", "", utcnow()

@@ -118,7 +118,8 @@ def _fetch_locked(conn: EmailConnection, enqueue_processing: bool = True, keepal
     store = RawStore(runtime.config()["DATA_DIR"])
     from . import process
 
-    on_stored = process.enqueue if enqueue_processing else (lambda message_id: None)
+    batcher = process.Batcher()
+    on_stored = batcher.add if enqueue_processing else (lambda message_id: None)
     try:
         session = open_session(conn.stored_values(), lambda step: None)
         with session.connector as c:
@@ -134,6 +135,8 @@ def _fetch_locked(conn: EmailConnection, enqueue_processing: bool = True, keepal
         log.exception("Unexpected error fetching %s", conn.api_name)
         return _failed(conn, run, Diagnosis("unexpected", f"Unexpected error: {e.__class__.__name__}: {e}",
                                             "See the log file."))
+    finally:
+        batcher.flush()  # what was stored before a failure is processed too
     now = utcnow()
     run.listed, run.stored, run.duplicates, run.quarantined = (result.listed, result.stored, result.duplicates,
                                                                result.quarantined)
