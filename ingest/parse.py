@@ -404,9 +404,20 @@ def _decode_word_bytes(encoding: str, text: str) -> bytes:
     return binascii.a2b_qp(data, header=True)
 
 
+_B64_CLEAN = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "
+
+
 def _b64decode_lenient(data: bytes, defects: _Defects | None = None) -> bytes:
     """Base64 that never raises: junk characters are skipped, bad padding is
     repaired, and concatenated padded chunks are decoded one by one."""
+    # Fast path (all in C) for the usual well-formed body: only alphabet and
+    # line breaks, padding only at the very end. Anything else, or a
+    # padding error, takes the careful path below.
+    if not data.translate(None, _B64_CLEAN) and b"=" not in data.rstrip(b"\r\n\t ").rstrip(b"="):
+        try:
+            return binascii.a2b_base64(data)
+        except binascii.Error:
+            pass
     if defects is not None and re.search(rb"[^A-Za-z0-9+/=\s]", data):
         defects.add("invalid characters in base64 data skipped")
     chunks = []
