@@ -235,3 +235,15 @@ def test_imap_xoauth2_asks_for_the_app_registration_not_a_password(admin_client,
     assert "Enter the ID as shown in Microsoft Entra" in html
     assert "Enter the client secret" in html
     assert "Enter the password for this email address." not in html
+
+
+def test_list_is_paged(admin_client):
+    with db.connection_context():
+        for i in range(55):
+            EmailConnection.create(organization=admin_client.org, name=f"Mailbox {i:02d}", api_name=f"M{i:02d}",
+                                   protocol="imap", host="mail.example.com", port=993, email_address="a@example.com")
+    first = admin_client.get(f"{BASE}/").get_data(as_text=True)
+    assert "Mailbox 00" in first and "Mailbox 54" not in first
+    assert "Page 1 of 2 (55 connections)" in first and "Next page" in first
+    second = admin_client.get(f"{BASE}/?page=2").get_data(as_text=True)
+    assert "Mailbox 54" in second and "Mailbox 00" not in second

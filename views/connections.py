@@ -40,10 +40,22 @@ _LIST_SKIPS = frozenset(SECRET_FIELDS) | {
 _LIST_COLUMNS = [f for f in EmailConnection._meta.sorted_fields if f.name not in _LIST_SKIPS]
 
 
-def _connections():
-    """The organization's connections for the list (not for editing: see _LIST_SKIPS)."""
+PER_PAGE = 50
+
+
+def _page() -> int:
+    try:
+        return max(1, int(request.args.get("page", 1)))
+    except ValueError:
+        return 1
+
+
+def _connections(page: int = 1):
+    """One page of the organization's connections for the list (not for
+    editing: see _LIST_SKIPS). Paged so the list (and its live refresh)
+    stays fast for organizations with hundreds of mailboxes."""
     return (EmailConnection.select(*_LIST_COLUMNS).where(EmailConnection.organization == g.org)
-            .order_by(EmailConnection.name))
+            .order_by(EmailConnection.name).paginate(page, PER_PAGE))
 
 
 @bp.app_template_filter("utc_time")
@@ -59,14 +71,18 @@ def utc_time(value) -> Markup:
 @admin_required
 def index():
     """The list, with Add Connection +."""
-    return render_template("connections/index.html", connections=_connections())
+    page = _page()
+    total = EmailConnection.select().where(EmailConnection.organization == g.org).count()
+    pages = max(1, -(-total // PER_PAGE))
+    return render_template("connections/index.html", connections=_connections(page), page=page, pages=pages,
+                           total=total)
 
 
 @bp.get("/rows")
 @admin_required
 def rows():
     """The list's rows alone, for the live refresh."""
-    return render_template("connections/_rows.html", connections=_connections())
+    return render_template("connections/_rows.html", connections=_connections(_page()))
 
 
 @bp.get("/new")
