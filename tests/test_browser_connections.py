@@ -85,6 +85,13 @@ def test_protocol_switch_swaps_fields_without_reload_and_proxy_reveals(admin_pag
     page.get_by_label("STARTTLS", exact=True).check()
     assert page.get_by_label("Port").input_value() == "143"
     assert page.get_by_label("Email Address").input_value() == "kept@example.com"
+    page.get_by_label("Host Name").fill("imap.example.com")
+    with page.expect_response(lambda r: "/settings/connections/fields" in r.url):
+        page.get_by_label("Authentication").select_option("xoauth2")  # Office 365 IMAP: OAuth, no password
+    expect(page.get_by_label("Application (Client) ID")).to_be_visible()
+    assert page.get_by_label("Password", exact=True).count() == 0
+    assert page.get_by_label("Host Name").input_value() == "imap.example.com"
+    assert page.get_by_label("Port").input_value() == "143"
     choose_protocol(page, "oauth")
     assert page.get_by_label("Directory (Tenant) ID").is_visible()
     assert page.get_by_text("Office 365 Access").is_visible()

@@ -227,8 +227,10 @@ def test_job_arguments_and_redis_hold_no_secrets(admin_client, dovecot, redis_co
 
 
 def test_imap_xoauth2_asks_for_the_app_registration_not_a_password(admin_client, dovecot):
-    html = admin_client.get(f"{BASE}/fields?protocol=imap", headers={"HX-Request": "true"}).get_data(as_text=True)
+    html = admin_client.get(f"{BASE}/fields?protocol=imap&imap_auth=xoauth2",
+                            headers={"HX-Request": "true"}).get_data(as_text=True)
     assert "IMAP.AccessAsUser.All" in html and ">Application (Client) ID</label>" in html
+    assert 'id="password"' not in html
     data = imap_form(dovecot, "user@example.com", "", imap_auth="xoauth2", oauth_client_id="nope",
                      oauth_client_auth="secret", oauth_access="delegated")
     html = admin_client.post(f"{BASE}/test", data=data).get_data(as_text=True)

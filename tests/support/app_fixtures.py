@@ -15,10 +15,27 @@ def instance_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("instance")
 
 
+def empty_database(url: str) -> None:
+    """TEST_DATABASE_URL belongs to the suite: each session starts with it
+    empty, as SQLite does with its new file (tests count rows globally)."""
+    from playhouse.db_url import connect
+
+    database = connect(url, unquote_password=True)
+    with database.connection_context():
+        tables = database.get_tables()
+        if tables and url.startswith("postgres"):
+            database.execute_sql("DROP TABLE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+        else:
+            for t in tables:  # e.g. a sqlite:/// file (no foreign keys enforced on this connection)
+                database.execute_sql(f'DROP TABLE IF EXISTS "{t}"')
+
+
 @pytest.fixture(scope="session")
 def app_config(instance_dir, redis_url):
     import os
 
+    if os.environ.get("TEST_DATABASE_URL"):
+        empty_database(os.environ["TEST_DATABASE_URL"])
     return {
         "TESTING": True,
         "INSTANCE_PATH": str(instance_dir),
