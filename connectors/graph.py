@@ -72,7 +72,7 @@ class GraphConnector(Connector):
     def open(self) -> None:
         if self.settings.oauth is None:
             raise ConnectorError(Diagnosis("oauth_unknown_app", "No Microsoft Entra app is configured for this "
-                                           "connection.", "Enter the Application (Client) ID.", field="client_id"))
+                                           "connection.", "Enter the Application (Client) ID.", field="oauth_client_id"))
         if not self.mailbox:
             raise ConnectorError(Diagnosis("mailbox_not_found", "No mailbox address is set for this connection.",
                                            "Enter the email address of the mailbox.", field="email_address"))

@@ -435,7 +435,7 @@ class TokenProvider:
             raise ConnectorError(Diagnosis(
                 "oauth_tenant_required", "Application (app-only) access needs the Directory (Tenant) ID "
                 "of the mailbox's tenant.", "Enter the Directory (tenant) ID from the app's Overview page.",
-                field="tenant_id"))
+                field="oauth_tenant_id"))
         return self._call(app.acquire_token_for_client, scopes)
 
     def _delegated_token(self, app, scopes: list, force_refresh: bool) -> dict:
@@ -475,7 +475,7 @@ class TokenProvider:
                 raise ConnectorError(Diagnosis(
                     "oauth_invalid_client", "No client certificate is stored for this connection.",
                     "Upload the certificate (with its private key) registered with the Entra app.",
-                    field="certificate"))
+                    field="oauth_certificate"))
             # public_certificate makes msal sign with PS256 and send the SHA-256
             # thumbprint (x5t#S256) and the chain (x5c), as Entra expects.
             return {"private_key": self.oauth.private_key_pem, "public_certificate": self.oauth.certificate_pem}
@@ -483,7 +483,7 @@ class TokenProvider:
             raise ConnectorError(Diagnosis(
                 "oauth_invalid_client", "No client secret is stored for this connection.",
                 "Enter the client secret's Value (not its Secret ID) from the app's Certificates & secrets page.",
-                field="client_secret"))
+                field="oauth_client_secret"))
         return self.oauth.client_secret.strip()
 
     def _call(self, fn, *args, **kwargs):
@@ -501,13 +501,13 @@ class TokenProvider:
     def _network(self, exc: BaseException) -> Diagnosis:
         host = urlsplit(self.authority).hostname or self.authority
         d = diagnose_http(exc, self.settings, self.authority, what="the Microsoft sign-in service",
-                          host_field="authority_host")
+                          host_field="oauth_authority_host")
         if d is not None:
             return with_presented_certificate(d, self.settings, self.authority)
         return Diagnosis(
             "identity_unreachable", f"Could not talk to the Microsoft sign-in service at {host}.",
             "Check the Authority Host, this server's network and proxy settings, then try again.",
-            field="authority_host")
+            field="oauth_authority_host")
 
     def _setup_failure(self, exc: BaseException) -> Diagnosis:
         """msal's constructor fetches the tenant's OpenID configuration; a
@@ -520,12 +520,12 @@ class TokenProvider:
             return Diagnosis(
                 "oauth_bad_authority", f"The Authority Host {self.oauth.authority_host!r} is not a valid sign-in address.",
                 "Use https://login.microsoftonline.com, or your national cloud's host such as "
-                "https://login.microsoftonline.us.", field="authority_host")
+                "https://login.microsoftonline.us.", field="oauth_authority_host")
         return Diagnosis(
             "identity_unreachable",
             f"The Microsoft sign-in service did not return the configuration of tenant "
             f"{self.oauth.tenant_id or 'organizations'}.",
-            "Check the Directory (Tenant) ID and the Authority Host, then try again.", field="tenant_id")
+            "Check the Directory (Tenant) ID and the Authority Host, then try again.", field="oauth_tenant_id")
 
     def diagnose(self, result: dict, *, redirect_uri: str = "", during: str = "refresh") -> Diagnosis:
         """Turn an msal/Entra error response (or the error parameters posted
@@ -618,20 +618,20 @@ def _invalid_secret(ctx: _Context, r: dict) -> Diagnosis:
         "oauth_invalid_client", f"Microsoft Entra ID rejected the client secret{_tag(r)}.",
         "Enter the secret's Value, not its Secret ID, from the app's Certificates & secrets page "
         "in the Microsoft Entra admin center. If the secret was deleted, create a new one.",
-        field="client_secret")
+        field="oauth_client_secret")
 
 
 def _secret_expired(ctx: _Context, r: dict) -> Diagnosis:
     return Diagnosis(
         "oauth_secret_expired", f"The client secret of the Entra app has expired{_tag(r)}.",
         "Create a new client secret on the app's Certificates & secrets page and enter its Value here.",
-        field="client_secret")
+        field="oauth_client_secret")
 
 
 def _no_credential(ctx: _Context, r: dict) -> Diagnosis:
     return Diagnosis(
         "oauth_invalid_client", f"Microsoft Entra ID expected a client secret or certificate and got none{_tag(r)}.",
-        "Choose Client secret or Certificate and enter or upload it.", field="client_secret")
+        "Choose Client secret or Certificate and enter or upload it.", field="oauth_client_secret")
 
 
 def _unknown_app(ctx: _Context, r: dict) -> Diagnosis:
@@ -640,13 +640,13 @@ def _unknown_app(ctx: _Context, r: dict) -> Diagnosis:
         f"Microsoft Entra ID has no application with client ID {ctx.client_id} in tenant {ctx.tenant}{_tag(r)}.",
         "Copy the Application (client) ID from the app's Overview page. Check the Directory (Tenant) ID too: "
         "the app must be registered in, or consented to by, the mailbox's tenant.",
-        field="client_id")
+        field="oauth_client_id")
 
 
 def _app_disabled(ctx: _Context, r: dict) -> Diagnosis:
     return Diagnosis(
         "oauth_unknown_app", f"The Entra app {ctx.client_id} is disabled{_tag(r)}.",
-        "Ask your Entra administrator to enable the app (Enterprise applications > Properties).", field="client_id")
+        "Ask your Entra administrator to enable the app (Enterprise applications > Properties).", field="oauth_client_id")
 
 
 def _tenant_not_found(ctx: _Context, r: dict) -> Diagnosis:
@@ -655,14 +655,14 @@ def _tenant_not_found(ctx: _Context, r: dict) -> Diagnosis:
         "oauth_tenant_not_found", f"Microsoft Entra ID has no tenant {ctx.tenant!r} at {host}{_tag(r)}.",
         "Copy the Directory (tenant) ID (a GUID) from the app's Overview page, or use the tenant's domain such as "
         "contoso.onmicrosoft.com. For a national cloud, check the Authority Host too.",
-        field="tenant_id")
+        field="oauth_tenant_id")
 
 
 def _tenant_required(ctx: _Context, r: dict) -> Diagnosis:
     return Diagnosis(
         "oauth_tenant_required",
         f"Application (app-only) access needs the Directory (Tenant) ID of the mailbox's tenant{_tag(r)}.",
-        "Enter the Directory (tenant) ID from the app's Overview page.", field="tenant_id")
+        "Enter the Directory (tenant) ID from the app's Overview page.", field="oauth_tenant_id")
 
 
 def _not_multi_tenant(ctx: _Context, r: dict) -> Diagnosis:
@@ -670,7 +670,7 @@ def _not_multi_tenant(ctx: _Context, r: dict) -> Diagnosis:
         "oauth_not_multitenant",
         f"The Entra app {ctx.client_id} is single-tenant, but no Directory (Tenant) ID is set{_tag(r)}.",
         "Enter the Directory (tenant) ID, or make the app multi-tenant (Authentication > Supported account types).",
-        field="tenant_id")
+        field="oauth_tenant_id")
 
 
 def _consent_required(ctx: _Context, r: dict) -> Diagnosis:
@@ -704,13 +704,13 @@ def _certificate_not_registered(ctx: _Context, r: dict) -> Diagnosis:
         "oauth_certificate_not_registered",
         f"Microsoft Entra ID does not accept this connection's certificate{which} for app {ctx.client_id}{_tag(r)}.",
         "Upload the certificate's public part (.cer or .pem) on the app's Certificates & secrets > Certificates page, "
-        "or upload here the certificate that is registered there.", field="certificate")
+        "or upload here the certificate that is registered there.", field="oauth_certificate")
 
 
 def _assertion_time(ctx: _Context, r: dict) -> Diagnosis:
     return Diagnosis(
         "oauth_clock_skew", f"Microsoft Entra ID says the certificate sign-in is outside its valid time{_tag(r)}.",
-        "Check that this server's clock is correct (enable NTP), then try again.", field="certificate")
+        "Check that this server's clock is correct (enable NTP), then try again.", field="oauth_certificate")
 
 
 def _code_redeemed(ctx: _Context, r: dict) -> Diagnosis:
@@ -829,7 +829,7 @@ def _require_oauth(settings: ConnectionSettings) -> OAuthSettings:
     if settings.oauth is None or not settings.oauth.client_id.strip():
         raise ConnectorError(Diagnosis(
             "oauth_unknown_app", "No Application (Client) ID is set for this connection.",
-            "Enter the Application (client) ID of your Microsoft Entra app.", field="client_id"))
+            "Enter the Application (client) ID of your Microsoft Entra app.", field="oauth_client_id"))
     return settings.oauth
 
 

@@ -136,13 +136,13 @@ def test_unregistered_certificate_is_named_by_its_thumbprint(identity_server, tm
     _, other = client_cert(tmp_path, "other")
     app = identity_server.register_app(certificate_pem=registered.cert_pem)
     d = diagnosis_of(TokenProvider(settings_for(identity_server, app, cert=other)).access_token, EWS_APP_SCOPES)
-    assert (d.code, d.field, d.extra["aadsts"]) == ("oauth_certificate_not_registered", "certificate", 700027)
+    assert (d.code, d.field, d.extra["aadsts"]) == ("oauth_certificate_not_registered", "oauth_certificate", 700027)
     assert other.sha1_thumbprint in d.message
 
 
 def test_app_only_access_needs_a_tenant(identity_server, entra_app):
     d = diagnosis_of(TokenProvider(settings_for(identity_server, entra_app, tenant="")).access_token, EWS_APP_SCOPES)
-    assert (d.code, d.field) == ("oauth_tenant_required", "tenant_id")
+    assert (d.code, d.field) == ("oauth_tenant_required", "oauth_tenant_id")
 
 
 # -- client certificates ------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_single_tenant_app_without_tenant_id_is_told_to_set_it(identity_server, 
     with pytest.raises(AuthorizePageError, match="AADSTS50194") as page:
         identity_server.sign_in(flow["auth_uri"], alice.username)
     d = provider.diagnose({"error": "invalid_request", "error_description": str(page.value)})
-    assert (d.code, d.field) == ("oauth_not_multitenant", "tenant_id")
+    assert (d.code, d.field) == ("oauth_not_multitenant", "oauth_tenant_id")
 
 
 def test_switch_account_replaces_the_previous_account(identity_server, entra_app, alice):
@@ -442,14 +442,14 @@ def _refresh_token_inactive(idp, alice, tmp_path):
 
 AADSTS_CASES = {
     # scenario: (Diagnosis.code, field, AADSTS)
-    _wrong_secret: ("oauth_invalid_client", "client_secret", 7000215),
-    _expired_secret: ("oauth_secret_expired", "client_secret", 7000222),
-    _unknown_app: ("oauth_unknown_app", "client_id", 700016),
-    _unknown_tenant: ("oauth_tenant_not_found", "tenant_id", 90002),
+    _wrong_secret: ("oauth_invalid_client", "oauth_client_secret", 7000215),
+    _expired_secret: ("oauth_secret_expired", "oauth_client_secret", 7000222),
+    _unknown_app: ("oauth_unknown_app", "oauth_client_id", 700016),
+    _unknown_tenant: ("oauth_tenant_not_found", "oauth_tenant_id", 90002),
     _consent_required: ("oauth_consent_required", None, 65001),
     _consent_declined: ("oauth_consent_declined", None, 65004),
     _redirect_mismatch: ("oauth_redirect_mismatch", None, 50011),
-    _certificate_not_registered: ("oauth_certificate_not_registered", "certificate", 700027),
+    _certificate_not_registered: ("oauth_certificate_not_registered", "oauth_certificate", 700027),
     _code_redeemed: ("oauth_code_redeemed", None, 54005),
     _code_expired: ("grant_expired", None, 70008),
     _refresh_token_revoked: ("grant_expired", None, 50173),
@@ -517,7 +517,7 @@ def test_identity_traffic_honours_the_connections_trusted_certificate(identity_s
 def test_unreachable_authority_is_a_network_diagnosis(identity_server, entra_app):
     settings = settings_for(identity_server, entra_app, authority_host=f"https://127.0.0.1:{free_port()}")
     d = diagnosis_of(TokenProvider(settings).access_token, EWS_APP_SCOPES)
-    assert (d.code, d.field) == ("connection_refused", "authority_host")
+    assert (d.code, d.field) == ("connection_refused", "oauth_authority_host")
 
 
 # -- exchangelib ------------------------------------------------------------------------
