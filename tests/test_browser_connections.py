@@ -37,6 +37,15 @@ def press_test_and_save(page):
     page.get_by_role("button", name="Test and Save Connection").click()
 
 
+def save_plain_imap(page, dovecot):
+    """Add an IMAP connection without encryption and land back on the list."""
+    email, password = dovecot.add_user()
+    open_add_form(page)
+    choose_imap(page, dovecot, email, password, encryption="None", port=dovecot.plain_port)
+    press_test_and_save(page)
+    page.wait_for_url(re.compile(r"/settings/connections/$"))
+
+
 @pytest.mark.parametrize("encryption", ["SSL/TLS", "STARTTLS"])
 def test_untrusted_cert_then_upload_then_saved_in_browser(admin_page, dovecot, tmp_path, encryption):
     page = admin_page
@@ -64,11 +73,7 @@ def test_untrusted_cert_then_upload_then_saved_in_browser(admin_page, dovecot, t
 
 def test_imap_without_encryption_saves(admin_page, dovecot):
     page = admin_page
-    email, password = dovecot.add_user()
-    open_add_form(page)
-    choose_imap(page, dovecot, email, password, encryption="None", port=dovecot.plain_port)
-    press_test_and_save(page)
-    page.wait_for_url(re.compile(r"/settings/connections/$"))
+    save_plain_imap(page, dovecot)
     assert "OK" in page.get_by_role("row", name=re.compile("Phishing reports")).inner_text()
 
 
@@ -121,11 +126,7 @@ def test_invalid_inputs_show_messages_beside_fields(admin_page):
 
 def test_delete_asks_first_and_removes_row(admin_page, dovecot):
     page = admin_page
-    email, password = dovecot.add_user()
-    open_add_form(page)
-    choose_imap(page, dovecot, email, password, encryption="None", port=dovecot.plain_port)
-    press_test_and_save(page)
-    page.wait_for_url(re.compile(r"/settings/connections/$"))
+    save_plain_imap(page, dovecot)
     asked = []
     page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
     page.get_by_role("button", name="Delete Phishing reports").click()

@@ -112,8 +112,7 @@ class GraphServer:
         self._server.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     def reset(self) -> None:
         with self._lock:

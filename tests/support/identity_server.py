@@ -86,6 +86,10 @@ class HttpsServer(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
                          name=type(self).__name__).start()
 
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
     @property
     def port(self) -> int:
         return self.server_address[1]
@@ -198,8 +202,7 @@ class IdentityServer:
         self._server.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     def reset(self) -> None:
         with self._lock:
