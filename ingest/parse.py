@@ -31,6 +31,8 @@ from email.message import Message
 from email.parser import BytesParser
 from pathlib import Path
 
+from . import mimesplit
+
 
 class ParseError(Exception):
     """The input cannot be treated as an email; ``reason`` is a stable code.
@@ -182,11 +184,18 @@ def _parse_top(raw: bytes, ctx: _Context) -> ParsedEmail:
         if raw.startswith(magic):
             raise ParseError("not_mime", what)
     raw, early_defects = _repair_input(raw, limits)
-    msg = BytesParser(policy=policy.compat32).parsebytes(raw)
+    msg = _split(raw)
     _require_mail_headers(msg)
     parsed = _build_message(msg, ctx, depth=0)
     parsed.defects[:0] = early_defects
     return parsed
+
+
+def _split(raw: bytes) -> Message:
+    """The MIME tree: the fast splitter for the usual well-formed message,
+    the stdlib parser (which records what is wrong) for everything else."""
+    msg = mimesplit.split(raw)
+    return msg if msg is not None else BytesParser(policy=policy.compat32).parsebytes(raw)
 
 
 def _repair_input(raw: bytes, limits: Limits) -> tuple[bytes, list[str]]:
@@ -407,13 +416,13 @@ def _decode_word_bytes(encoding: str, text: str) -> bytes:
 _B64_CLEAN = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "
 
 
-def _b64decode_lenient(data: bytes, defects: _Defects | None = None) -> bytes:
+def _b64decode_lenient(data: bytes | memoryview, defects: _Defects | None = None) -> bytes:
     """Base64 that never raises: junk characters are skipped, bad padding is
     repaired, and concatenated padded chunks are decoded one by one."""
     # Fast path (all in C) for the usual well-formed body: only alphabet and
     # line breaks, padding only at the very end. Anything else, or a
     # padding error, takes the careful path below.
-    if not data.translate(None, _B64_CLEAN) and b"=" not in data.rstrip(b"\r\n\t ").rstrip(b"="):
+    if _plain_base64(data):
         try:
             return binascii.a2b_base64(data)
         except binascii.Error:
@@ -429,6 +438,24 @@ def _b64decode_lenient(data: bytes, defects: _Defects | None = None) -> bytes:
         segment += b"=" * (-len(segment) % 4)
         chunks.append(binascii.a2b_base64(segment))
     return b"".join(chunks)
+
+
+_B64_SCAN = 1 << 20
+
+
+def _plain_base64(data: bytes | memoryview) -> bool:
+    """Only alphabet and white space, "=" only in the trailing padding.
+    Scanned in 1 MiB pieces so a large body is never copied whole."""
+    first_pad = -1
+    for offset in range(0, len(data), _B64_SCAN):
+        chunk = bytes(data[offset:offset + _B64_SCAN])
+        if chunk.translate(None, _B64_CLEAN):
+            return False
+        if first_pad < 0 and (pad := chunk.find(b"=")) >= 0:
+            first_pad = offset + pad
+    if first_pad < 0:
+        return True
+    return b"=" not in bytes(data[first_pad:]).rstrip(b"\r\n\t ").rstrip(b"=")
 
 
 # Labels mail commonly carries that should decode as a superset: Windows
@@ -712,7 +739,9 @@ def _payload_bytes(part: Message, defects: _Defects, where: str) -> bytes:
     # The public get_payload() re-decodes 8-bit bytes through the declared
     # charset with errors="replace" (lossy for unknown charsets and for raw
     # bytes inside QP/base64 bodies); the stdlib's own BytesGenerator reads
-    # _payload for the same reason.
+    # _payload for the same reason. From the fast splitter it is a
+    # memoryview of the raw message: base64 and quoted-printable decode
+    # straight from it, without a copy of the encoded text.
     payload = getattr(part, "_payload", None)
     if payload is None:
         return b""
@@ -721,6 +750,8 @@ def _payload_bytes(part: Message, defects: _Defects, where: str) -> bytes:
             data = payload.encode("ascii", "surrogateescape")
         except UnicodeEncodeError:
             data = payload.encode("utf-8", "surrogateescape")
+    elif isinstance(payload, memoryview):
+        data = payload
     else:
         data = bytes(payload)
     cte = _transfer_encoding(part)
@@ -729,10 +760,10 @@ def _payload_bytes(part: Message, defects: _Defects, where: str) -> bytes:
     if cte == "quoted-printable":
         return binascii.a2b_qp(data)
     if cte == "x-uuencode":
-        return _uudecode_lenient(data)
+        return _uudecode_lenient(bytes(data))
     if cte not in ("", "7bit", "8bit", "binary"):
         defects.add(f"part {where}: unknown Content-Transfer-Encoding {cte!r}; kept as is")
-    return data
+    return bytes(data)
 
 
 def _transfer_encoding(part: Message) -> str:
@@ -805,7 +836,7 @@ def _add_nested_bytes(data: bytes, out: ParsedEmail, ctx: _Context, depth: int,
     try:
         if not data.strip() or any(data.startswith(magic) for magic, _ in _MAGIC):
             raise ParseError("not_mime")
-        msg = BytesParser(policy=policy.compat32).parsebytes(data)
+        msg = _split(data)
         _require_mail_headers(msg)
     except ParseError as exc:
         defects.add(f"part {where}: attached message unreadable ({exc.reason})")
