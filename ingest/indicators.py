@@ -12,6 +12,7 @@ look-behinds so a match can only start at the beginning of a token.
 """
 from __future__ import annotations
 
+import functools
 import html as htmllib
 import ipaddress
 import re
@@ -49,11 +50,25 @@ class _Collector:
     def __init__(self) -> None:
         self.items: list[Indicator] = []
         self._seen: set[tuple[str, str]] = set()
+        self._done: set[tuple[str, str]] = set()
 
     def add(self, kind: str, value: str, source: str) -> None:
         if value and (kind, value) not in self._seen:
             self._seen.add((kind, value))
             self.items.append(Indicator(kind, value, source))
+
+    def first_time(self, step: str, raw: str) -> bool:
+        """False when ``raw`` already went through ``step`` for this message.
+
+        The steps are pure functions of ``raw``, so a repeat (the same link in
+        the text and in the HTML) could only re-add pairs already seen, under
+        a later source that ``add`` ignores: it can be skipped outright.
+        """
+        key = (step, raw)
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
 
 
 def _collect_message(msg: ParsedEmail, found: _Collector, prefix: str) -> None:
@@ -116,8 +131,18 @@ _AT = re.compile(r"@")
 _EMAIL_LOCAL = re.compile(r"[\w.%+-]{1,64}\Z")
 _EMAIL_DOMAIN = re.compile(r"(?:[\w-]{1,63}\.){1,10}[^\W\d_]{2,63}(?![\w-])")
 _EMAIL = re.compile(r"[\w.%+-]{1,64}@(?:[\w-]{1,63}\.){1,10}[^\W\d_]{2,63}")  # short values only
-_IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
-_IPV6_FULL = re.compile(r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){7}")
+# The IP scanners are anchored on the first separator rather than on the
+# first digit: digits and hex letters are everywhere in text, so a pattern
+# starting with a digit class is tried (and fails) at most positions. The
+# digits before the separator are taken afterwards; an address must start
+# at the beginning of its digit run anyway (see _ipv4s_in). The look-ahead
+# drops in C most of what the checks in Python would reject, so version
+# strings and runs like "1.1.1.1.1…" cost no Python per candidate; it never
+# shortens a match, since a shorter last octet is followed by a digit.
+_IPV4_TAIL = re.compile(r"\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)")  # "a.b.c.d" from the first "."
+_DIGITS_BEFORE = re.compile(r"\d{1,4}\Z")
+_IPV6_FULL_TAIL = re.compile(r":[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){6}")  # 8 groups, from the first ":"
+_HEX_BEFORE = re.compile(r"[0-9A-Fa-f]{1,5}\Z")
 _IPV6_COMPRESSED = re.compile(r"::[0-9A-Fa-f:]{0,37}")
 _HEX_COLON_BEFORE = re.compile(r"[0-9A-Fa-f:]{1,37}\Z")
 _DEFANGED_DOMAIN = re.compile(
@@ -127,14 +152,30 @@ _DEFANGED_DOMAIN = re.compile(
 _DEFANG_MARK = re.compile(r"\[\.\]|\(\.\)|\{\.\}|\[dot\]|\(dot\)", re.I)
 
 
-_DEFANG_HINTS = ("hxxp", "h[xx]p", "fxp", "[:]", "[://]", "[.]", "(.)", "{.}", "[dot]", "(dot)", "[@]", "(@)", "[at]")
+# The defanging hints as they appear in lower-cased text: "hxxp", "fxp" and
+# these, which all contain a bracket, so text without "[", "(" and "{" (most
+# mail) needs only the first two looked for. Lower-casing maps only "A-Z"
+# onto the letters in the hints, so "hint in text.lower()" is exact.
+_BRACKETED_HINTS = ("h[xx]p", "[:]", "[://]", "[.]", "(.)", "{.}", "[dot]", "(dot)", "[@]", "(@)", "[at]")
+
+
+def _has_defang_hint(text: str, lowered: str) -> bool:
+    if "hxxp" in lowered or "fxp" in lowered:
+        return True
+    # Single-character tests run at memchr speed, far faster than the
+    # substring tests or a regex with a character class.
+    has_bracket = "[" in text or "(" in text or "{" in text
+    return has_bracket and any(hint in lowered for hint in _BRACKETED_HINTS)
 
 
 def refang(text: str) -> str:
     """Undo the usual defanging: hxxp://, example[.]com, user[@]example.com."""
-    lowered = text.lower()
-    if not any(hint in lowered for hint in _DEFANG_HINTS):
+    if not _has_defang_hint(text, text.lower()):
         return text  # the common case, without six passes over a large body
+    return _refang_all(text)
+
+
+def _refang_all(text: str) -> str:
     for pattern, replacement in _REFANG:
         text = pattern.sub(replacement, text)
     return text
@@ -143,26 +184,39 @@ def refang(text: str) -> str:
 def _collect_text(text: str, found: _Collector, source: str) -> None:
     if not text:
         return
-    _collect_defanged_domains(text, found, source)
-    plain = refang(text)
-    for url in _urls_in(plain):
+    # One lower-cased copy answers the cheap "could there be any?" questions
+    # that let whole passes be skipped.
+    lowered = text.lower()
+    if _has_defang_hint(text, lowered):
+        # Every defanged-domain marker is also a defanging hint.
+        _collect_defanged_domains(text, found, source)
+        plain = _refang_all(text)
+    else:
+        plain = text
+    may_have_www = "www" in (lowered if plain is text else plain.lower())
+    for url in _urls_in(plain, may_have_www):
         _add_url(url, found, source)
-    for address in _emails_in(plain):
-        _add_email(address, found, source)
+    if "@" in plain:
+        for address in _emails_in(plain):
+            _add_email(address, found, source)
     for address in _ips_in(plain):
         if not (address.is_unspecified or address.is_loopback):
             found.add("ip", str(address), source)
 
 
-def _urls_in(text: str) -> list[str]:
+def _urls_in(text: str, may_have_www: bool = True) -> list[str]:
     urls = []
     for match in _SCHEME_SEP.finditer(text):
         scheme = _SCHEME_BEFORE.search(text, max(0, match.start() - 5), match.start())
         if scheme and not _is_word_char(text, scheme.start() - 1):
             urls.append(text[scheme.start():match.end()])
-    for match in _WWW.finditer(text):
-        if not _is_word_char(text, match.start() - 1, "./@-"):
-            urls.append("http://" + match.group(0))
+    # _WWW starts with a character class, which costs a step at every
+    # position; the caller knows from a plain substring test whether "www"
+    # occurs at all.
+    if may_have_www:
+        for match in _WWW.finditer(text):
+            if not _is_word_char(text, match.start() - 1, "./@-"):
+                urls.append("http://" + match.group(0))
     return urls
 
 
@@ -211,17 +265,32 @@ def _ips_in(text: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
 
 def _ipv4s_in(text: str) -> list[ipaddress.IPv4Address]:
     found = []
-    for match in _IPV4.finditer(text):
-        start, end = match.span()
+    for match in _IPV4_TAIL.finditer(text):
+        # The first octet is the whole digit run before the first ".": when
+        # the run is longer than 3 the address would have to start inside
+        # it, after a digit, and that is rejected below anyway.
+        digits = _DIGITS_BEFORE.search(text, max(0, match.start() - 4), match.start())
+        if digits is None or digits.end() - digits.start() > 3:
+            continue
+        start, end = digits.start(), match.end()
         following = text[end:end + 2]
         if _is_word_char(text, start - 1, ".") or following[:1].isdigit() or (
                 following[:1] == "." and following[1:].isdigit()):
             continue  # part of a longer dotted number such as a version string
-        try:
-            found.append(ipaddress.IPv4Address(match.group(0)))
-        except ValueError:  # octet > 255 or a leading zero
-            continue
+        address = _ipv4_address(text[start:end])
+        if address is not None:
+            found.append(address)
     return found
+
+
+# A message repeats its addresses (text, HTML, link hosts) and parsing one
+# costs more than finding it. The keys are at most 15 characters.
+@functools.lru_cache(maxsize=1024)
+def _ipv4_address(candidate: str) -> ipaddress.IPv4Address | None:
+    try:
+        return ipaddress.IPv4Address(candidate)
+    except ValueError:  # octet > 255 or a leading zero
+        return None
 
 
 def _ipv6s_in(text: str) -> list[ipaddress.IPv6Address]:
@@ -231,7 +300,12 @@ def _ipv6s_in(text: str) -> list[ipaddress.IPv6Address]:
             before = _HEX_COLON_BEFORE.search(text, max(0, match.start() - 37), match.start())
             spans.append((before.start() if before else match.start(), match.end()))
     if text.count(":") >= 7:
-        spans.extend(match.span() for match in _IPV6_FULL.finditer(text))
+        for match in _IPV6_FULL_TAIL.finditer(text):
+            # As for IPv4: the first group is the whole hex run before the
+            # first ":" (a longer run would put the start after a hex digit).
+            hex_run = _HEX_BEFORE.search(text, max(0, match.start() - 5), match.start())
+            if hex_run is not None and hex_run.end() - hex_run.start() <= 4:
+                spans.append((hex_run.start(), match.end()))
     found = []
     for start, end in spans:
         if _is_word_char(text, start - 1, ":.") or _is_word_char(text, end, ":"):
@@ -271,6 +345,8 @@ def strip_trailing_punctuation(url: str) -> str:
 
 
 def _add_url(url: str, found: _Collector, source: str) -> None:
+    if not found.first_time("url", url):
+        return
     url = strip_trailing_punctuation(refang(url.strip()))
     if not url or len(url) > _MAX_URL:
         return
@@ -285,15 +361,28 @@ def _add_url(url: str, found: _Collector, source: str) -> None:
 
 
 def _add_host(host: str, found: _Collector, source: str) -> None:
-    try:
-        found.add("ip", str(ipaddress.ip_address(host.strip("[]"))), source)
-        return
-    except ValueError:
-        pass
+    address = host.strip("[]")
+    # Only ASCII digits and dots can make an IPv4 address, and an IPv6 one
+    # needs colons: skip the two failing parses (and their exceptions) for
+    # the usual host name.
+    if ":" in address or address.replace(".", "").isdigit():
+        # ip_address() tries IPv4 first too; the cache is shared with the
+        # text scanner, which usually finds the same address again.
+        ipv4 = _ipv4_address(address) if len(address) <= 15 else None
+        if ipv4 is not None:
+            found.add("ip", str(ipv4), source)
+            return
+        try:
+            found.add("ip", str(ipaddress.ip_address(address)), source)
+            return
+        except ValueError:
+            pass
     _add_domain(host, found, source)
 
 
 def _add_email(address: str, found: _Collector, source: str) -> None:
+    if not found.first_time("email", address):
+        return
     address = refang(address.strip().strip("<>")).lower()
     local, at, host = address.rpartition("@")
     if not (local and at and host):
@@ -321,6 +410,13 @@ def normalize_domain(host: str) -> str | None:
     host = host.strip().rstrip(".").lower()
     if not host or len(host) > 253:
         return None
+    return _normalize_short_host(host)
+
+
+# The same few domains recur across messages (the organisation's own, the
+# big senders) and the IDNA codec is slow; keys are at most 253 characters.
+@functools.lru_cache(maxsize=4096)
+def _normalize_short_host(host: str) -> str | None:
     try:
         host = host.encode("idna").decode("ascii").lower()
     except (UnicodeError, ValueError):
@@ -381,11 +477,12 @@ def _collect_html(html: str, found: _Collector, source: str) -> None:
         strip_comments=True,
     )
     tags, text = _split_canonical(canonical)
-    collector = _LinkCollector()
-    collector.feed(tags)
-    collector.close()
-    for url in collector.urls:
-        _add_attribute_url(url, found, source)
+    # Every attribute html.parser reports with a value has an "=" (one
+    # without a value gives "", which yields nothing): plain markup such as
+    # <p>, <br> or <table> alone needs no parsing.
+    if "=" in tags:
+        for url in _attribute_urls(tags):
+            _add_attribute_url(url, found, source)
     _collect_text(text, found, source)
 
 
@@ -400,8 +497,9 @@ def _split_canonical(canonical: str) -> tuple[str, str]:
     pieces = _CANONICAL_TAG.split(canonical)
     tags = "".join(pieces[1::2])
     text = " ".join(pieces[0::2])
-    for entity, char in _SERIALIZER_ENTITIES:
-        text = text.replace(entity, char)
+    if "&" in text:  # five no-op passes over the text otherwise
+        for entity, char in _SERIALIZER_ENTITIES:
+            text = text.replace(entity, char)
     return tags, text
 
 
@@ -431,6 +529,30 @@ def _add_attribute_url(value: str, found: _Collector, source: str) -> None:
         _add_url("http://" + value, found, source)
     else:
         _add_url(value, found, source)
+
+
+# html5ever's serializer writes every tag in one shape: "</name>", or
+# "<name>" followed by ' name="value"' for each attribute, all lower-case,
+# values with "&", '"', "<" and ">" escaped. For that shape html.parser's
+# reading is plain (attribute values unquoted, then unescaped when not
+# empty), and a regex gets it several times faster. Anything else goes to
+# html.parser, and so does script/style, which switch it to raw text.
+_SERIALIZED_TAGS = re.compile(r'(?:<[a-z][a-z0-9]*(?: [a-z][a-z:-]*="[^"<>]*")*>|</[a-z][a-z0-9]*>)*')
+_SERIALIZED_START_TAG = re.compile(r"<([a-z][a-z0-9]*)( [^<>]*)>")  # those with attributes
+_SERIALIZED_ATTRIBUTE = re.compile(r' ([a-z][a-z:-]*)="([^"]*)"')
+
+
+def _attribute_urls(tags: str) -> list[str]:
+    collector = _LinkCollector()
+    if _SERIALIZED_TAGS.fullmatch(tags) and "<script" not in tags and "<style" not in tags:
+        for match in _SERIALIZED_START_TAG.finditer(tags):
+            attrs = [(name, htmllib.unescape(value) if value else value)
+                     for name, value in _SERIALIZED_ATTRIBUTE.findall(match.group(2))]
+            collector.handle_starttag(match.group(1), attrs)
+    else:
+        collector.feed(tags)
+        collector.close()
+    return collector.urls
 
 
 class _LinkCollector(HTMLParser):

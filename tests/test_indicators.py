@@ -6,7 +6,10 @@ import time
 
 import pytest
 
-from ingest.indicators import Indicator, extract_indicators, normalize_domain, refang, strip_trailing_punctuation
+from ingest.indicators import (
+    Indicator, _attribute_urls, _LinkCollector, extract_indicators, normalize_domain, refang,
+    strip_trailing_punctuation,
+)
 from ingest.parse import Address, Attachment, ParsedEmail, parse_bytes
 
 
@@ -49,6 +52,27 @@ def test_www_links_without_scheme_are_urls():
     assert values(found, "url") == ["http://www.evil.example/path"]
 
 
+def test_www_links_are_found_in_any_case():
+    found = extract_indicators(text_mail("visit WWW.Evil.example/a or wWw2.evil.example/b"))
+    assert values(found, "url") == ["http://WWW.Evil.example/a", "http://wWw2.evil.example/b"]
+
+
+def test_text_without_www_or_at_sign_still_finds_scheme_urls():
+    found = extract_indicators(text_mail("Reset at https://reset.example/now (expires today)."))
+    assert values(found, "url") == ["https://reset.example/now"]
+    assert values(found, "email") == []
+
+
+def test_defanged_scheme_without_brackets_is_refanged_in_any_case():
+    found = extract_indicators(text_mail("open HXXP://evil.example/a or FxP://files.example/b"))
+    assert values(found, "url") == ["http://evil.example/a", "ftp://files.example/b"]
+
+
+def test_defanged_www_link_is_found():
+    found = extract_indicators(text_mail("see www[.]evil[.]example/x"))
+    assert "http://www.evil.example/x" in values(found, "url")
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("from 203.0.113.7 today", ["203.0.113.7"]),
     ("bad 999.1.1.1 and 01.2.3.4", []),
@@ -56,6 +80,11 @@ def test_www_links_without_scheme_are_urls():
     ("v6 2001:db8::1 and fe80::1%eth0", ["2001:db8::1", "fe80::1"]),
     ("times 12:30:45, std::cout, dead::beef", []),
     ("full 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", ["2001:db8:85a3::8a2e:370:7334"]),
+    ("8.8.8.8", ["8.8.8.8"]),
+    ("1234.5.6.7, x1.2.3.4, 1.2.3.4.5.6 and 1.2.3.4567", []),
+    ("(192.0.2.1). 9.9.9.9.", ["192.0.2.1", "9.9.9.9"]),
+    ("1:2:3:4:5:6:7:8", ["1:2:3:4:5:6:7:8"]),
+    ("12345:1:2:3:4:5:6:7 g1:2:3:4:5:6:7:8 1:2:3:4:5:6:7:8:9", []),
 ])
 def test_ip_addresses_are_validated(text, expected):
     assert values(extract_indicators(text_mail(text)), "ip") == expected
@@ -65,6 +94,12 @@ def test_url_host_that_is_an_ip_becomes_an_ip_indicator():
     found = extract_indicators(text_mail("http://198.51.100.9:8080/x and http://[2001:db8::5]/y"))
     assert values(found, "ip") == ["198.51.100.9", "2001:db8::5"]
     assert values(found, "domain") == []
+
+
+def test_url_hosts_that_only_look_numeric_are_not_ips():
+    found = extract_indicators(text_mail("http://123.example/x http://1.2.3/y http://[::1]/z"))
+    assert values(found, "domain") == ["123.example"]
+    assert values(found, "ip") == ["::1"]
 
 
 def test_internationalized_domains_become_punycode():
@@ -103,6 +138,36 @@ def test_html_attributes_yield_urls_including_forms_and_meta_refresh():
         assert url in urls
     assert "phisher@evil.example" in values(found, "email")
     assert all(i.source == "html" for i in found)
+
+
+def test_html_without_attribute_values_still_yields_its_text_indicators():
+    html = "<p>See <a href>http://text.example/x</a></p><table><tr><td>8.8.4.4</td></tr></table>"
+    found = extract_indicators(text_mail(html=html))
+    assert [(i.kind, i.value) for i in found] == [
+        ("url", "http://text.example/x"), ("domain", "text.example"), ("ip", "8.8.4.4")]
+
+
+@pytest.mark.parametrize("tags", [
+    '<a href="http://a.example/?x=1&amp;y=&quot;2&quot;&lt;&gt;&nbsp;"><img src="" alt="x">',
+    '<img srcset=" a.png 1x, http://s.example/b.png 2x ,"><source srcset="">',
+    '<meta http-equiv="refresh" content="0; URL=\'http://r.example/\'"><meta http-equiv="x" content="url=http://no.example/">',
+    '<a href="http&#58;//e&#46;example/&#x2F;&bogus;&#0;\n"></a><a href="a" href="b"></a>',
+    '<form action="\thttp://f.example/\n"><input formaction="mailto:A@B.example"></form>',
+    '<style><a href="http://inside-style.example/"></style><a href="http://after.example/">',
+    '<A HREF="http://upper.example/"><br/><img src=bare.png>',
+])
+def test_link_attributes_are_read_exactly_as_html_parser_reads_them(tags):
+    parser = _LinkCollector()
+    parser.feed(tags)
+    parser.close()
+    assert _attribute_urls(tags) == parser.urls
+
+
+def test_a_link_repeated_in_html_keeps_its_first_source():
+    html = '<a href="http://dup.example/x">http://dup.example/x</a>'
+    found = extract_indicators(text_mail("go to http://dup.example/x", html=html))
+    assert [(i.kind, i.value, i.source) for i in found] == [
+        ("url", "http://dup.example/x", "body"), ("domain", "dup.example", "body")]
 
 
 def test_entity_obfuscated_href_is_decoded():
