@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from ingest.process import process as process_message
+from ingest.process import process_many
 from ingest.store import RawStore
 from models import db
 from services import queue, runtime
@@ -21,16 +22,20 @@ def run(message_id: int, force: bool = False) -> str:
 
 def run_many(message_ids: list[int]) -> dict:
     """Process a batch in one job: RQ forks once per job, which costs more
-    than processing a typical email. A message whose processing raises is
+    than processing a typical email, and the batch is written with a few
+    statements in one transaction. A message whose processing raises is
     given its own job (with RQ's retries); the rest of the batch goes on."""
     outcomes: dict[str, int] = {}
     store = RawStore(runtime.config()["DATA_DIR"])
     with db.connection_context():
-        for mid in message_ids:
-            try:
-                outcome = process_message(mid, store)
-            except Exception:
-                log.exception("Processing message %s failed; it gets a job of its own", mid)
+        try:
+            results = process_many(message_ids, store)
+        except Exception as e:  # the batch could not even be read: each email on its own, as one at a time
+            log.exception("Processing a batch of %d emails failed; each gets a job of its own", len(message_ids))
+            results = dict.fromkeys(message_ids, e)
+        for mid, outcome in results.items():
+            if isinstance(outcome, Exception):
+                log.error("Processing message %s failed; it gets a job of its own", mid, exc_info=outcome)
                 enqueue(mid)
                 outcome = "retrying"
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
