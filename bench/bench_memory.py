@@ -1,4 +1,4 @@
-"""Memory: peak RSS of fetching one large message over IMAP.
+"""Memory: peak RSS of a worker fetching and processing one large message over IMAP.
 
 For each size (5, 25 and 50 MB), one message in its own Dovecot mailbox is
 captured by a fresh subprocess: it imports and sets up everything first,
@@ -7,7 +7,7 @@ with the IMAP connector into the raw store and database); the figure is
 `ru_maxrss` at the end minus that idle RSS. The naive fetcher
 (bench/naive_fetch.py) is measured the same way. Intake's processing of the
 same stored message (parse, attachments, indicators, incident) is measured
-too, in another fresh subprocess, for reference.
+in another fresh subprocess: a worker does both, so its peak is the larger.
 
     python bench/bench_memory.py [--sizes 5,25,50]
     python bench/bench_memory.py --child capture|process   (internal; config in the environment)

@@ -24,7 +24,7 @@ from common import RESULTS
 TARGETS = {
     "e2e": 2.0,  # Intake end to end, 2 workers, >= 2x the naive baseline's msg/s
     "capture": 0.25,  # capture alone >= 25% of the raw bulk fetch
-    "memory": 2.0,  # capture's peak RSS over idle <= 2x the message size
+    "memory": 2.0,  # the worker's peak RSS over idle (capture, processing) <= 2x the message size
     "page_ms": 30.0,  # connections page p50 with 1,000 connections
     "fragment_ms": 5.0,  # protocol swap fragment p50
 }
@@ -84,17 +84,19 @@ def report(ingest: dict | None, memory: list | None, web: dict | None, meta: dic
                            r >= TARGETS["capture"]))
     if memory:
         out += ["## Memory: peak RSS over idle RSS, one message fetched over IMAP by a fresh process", "",
-                "| Message | Intake capture | x size | Naive fetcher | x size | Intake processing (reference) | x size |",
-                "|---:|---:|---:|---:|---:|---:|---:|"]
+                "A worker both captures and processes, so its peak is the larger of the two steps "
+                "(each measured in a fresh process).", "",
+                "| Message | Capture | x size | Processing | x size | Worker peak | x size | Naive fetcher | x size |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in memory:
-            size = row["bytes"]
+            size, worker = row["bytes"], max(row["intake"], row["process"])
             out.append(f"| {size / 1e6:.0f} MB | {_mib(row['intake'])} | {row['intake'] / size:.2f} | "
-                       f"{_mib(row['naive'])} | {row['naive'] / size:.2f} | {_mib(row['process'])} | "
-                       f"{row['process'] / size:.2f} |")
+                       f"{_mib(row['process'])} | {row['process'] / size:.2f} | {_mib(worker)} | "
+                       f"{worker / size:.2f} | {_mib(row['naive'])} | {row['naive'] / size:.2f} |")
         out.append("")
-        worst = max(row["intake"] / row["bytes"] for row in memory)
+        worst = max(max(row["intake"], row["process"]) / row["bytes"] for row in memory)
         naive_worst = max(row["naive"] / row["bytes"] for row in memory)
-        checks.append(("Capture peak RSS over idle", f"≤ {TARGETS['memory']:.0f}x size",
+        checks.append(("Worker peak RSS over idle (capture and processing)", f"≤ {TARGETS['memory']:.0f}x size",
                        f"{worst:.2f}x (naive {naive_worst:.1f}x)", worst <= TARGETS["memory"]))
     if web:
         out += [f"## Web: server time, Flask test client in-process, {web['connections']} connections in SQLite", "",

@@ -159,6 +159,8 @@ def html_is_tractable(html: str, *, max_tags: int = MAX_TAGS, max_depth: int = M
     harmless HTML may be declared intractable (and shown as text), but hostile
     HTML cannot slip under the bound.
     """
+    if html.count("<") <= min(max_depth, max_tags) and "template" not in html.lower():
+        return True  # the model pushes at most one element per tag: too few tags to get deep
     if len(_TAG_TOKEN.findall(html)) > max_tags:  # counted in C before the slower walk
         return False
     model = _DepthModel()

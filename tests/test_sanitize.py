@@ -120,6 +120,15 @@ def test_pathological_nesting_is_not_tractable(html):
     assert not html_is_tractable(html)
 
 
+@pytest.mark.parametrize("html, tractable", [
+    ("<div>" * 128, True),  # no more tags than the depth bound: tractable without the walk
+    ("<div>" * 129, False),
+    ("<p>short</p><TEMPLATE><p>x</p></TEMPLATE>", False),  # templates are refused however small
+])
+def test_small_html_is_judged_like_large_html(html, tractable):
+    assert html_is_tractable(html) is tractable
+
+
 def test_text_fallback_stays_linear_on_unclosed_angle_brackets():
     started = time.process_time()
     sanitize_html("<div " * 100_000 + "<" * 100_000)
