@@ -7,8 +7,9 @@ Safety rules this module keeps:
   offered, nothing is sent (`starttls_unavailable`): no silent downgrade.
 * Nothing here marks a message read except `mark_read`: fetches use
   BODY.PEEK, so a message the job failed to store stays unread for next time.
-* Memory stays bounded: large messages are fetched in 1 MiB ranges, batches of
-  small ones are capped in bytes.
+* Memory stays bounded: `fetch_raw` fetches large messages in 1 MiB ranges;
+  `fetch_raw_batch` streams every body off the socket in pieces of 1 MiB at
+  most, whatever its size.
 
 Message keys are "UIDVALIDITY:UID". A UID only means something together with
 the folder's UIDVALIDITY; if the server resets it (folder recreated, server
@@ -21,10 +22,13 @@ import contextlib
 import dataclasses
 import datetime as dt
 import email
+import functools
 import logging
+import re
 from typing import BinaryIO, Callable, ContextManager, Iterable, Iterator, Optional
 
 import imapclient
+import imapclient.datetime_util
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from .base import (CheckResult, ConnectionSettings, Connector, Progress, RemoteMessage, _no_progress,
@@ -43,13 +47,14 @@ _WHAT = "the IMAP server"
 class ImapConnector(Connector):
     protocol = "imap"
 
-    #: Messages larger than this are fetched in CHUNK_SIZE ranges.
+    #: fetch_raw: messages larger than this are fetched in CHUNK_SIZE ranges.
     LARGE_MESSAGE = 2 * 1024 * 1024
+    #: The most of one message held in memory at once (a range in fetch_raw,
+    #: a piece of a streamed body in fetch_raw_batch).
     CHUNK_SIZE = 1024 * 1024
-    #: fetch_raw_batch: at most this many bytes / messages per UID FETCH.
-    #: imaplib holds a whole FETCH response in memory, so this caps memory.
-    BATCH_BYTES = 8 * 1024 * 1024
-    BATCH_COUNT = 200
+    #: Messages per UID FETCH (list_unread, fetch_raw_batch). Memory does not
+    #: depend on it (bodies are streamed); it keeps the command line short.
+    BATCH_COUNT = 500
     #: UIDs per STORE command, to keep command lines short.
     FLAG_BATCH = 500
 
@@ -232,28 +237,46 @@ class ImapConnector(Connector):
         return CheckResult(folder=self.folder_path, unread=unread, detail=detail)
 
     def list_unread(self, limit: int) -> list[RemoteMessage]:
-        """Oldest first (ascending UID), at most `limit`, metadata in one FETCH."""
+        """Oldest first (ascending UID), at most `limit`, metadata in one FETCH
+        per BATCH_COUNT messages."""
         if limit <= 0:
             return []
         with self._step("reading"):
             uids = self._unseen_uids()[:limit]
-            if not uids:
-                return []
-            data = self._client.fetch(uids, [b"RFC822.SIZE", b"INTERNALDATE",
-                                             b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
-        messages = []
-        for uid in uids:
-            item = data.get(uid)
-            if item is None:  # expunged between SEARCH and FETCH
+            items: dict[int, RemoteMessage] = {}
+            for i in range(0, len(uids), self.BATCH_COUNT):
+                self._list_part(uids[i:i + self.BATCH_COUNT], items)
+        # A UID missing from the answer was expunged between SEARCH and FETCH.
+        return [items[uid] for uid in uids if uid in items]
+
+    def _list_part(self, uids: list[int], items: dict[int, RemoteMessage]) -> None:
+        """The FETCH is read directly off the socket (`_fetch_responses`) and
+        picked apart with a few regular expressions: imapclient's general
+        parser cost more than the rest of the listing."""
+        imap = self._client._imap
+        wanted = set(uids)
+
+        def literal(text: bytes, size: int):
+            # The Message-ID header; anything else (unsolicited) is dropped.
+            header = _HEADER_LITERAL.search(text) is not None
+            value = _read_literal(imap, size, keep=64 * 1024 if header else 0)
+            return value if header and value is not _TOO_LARGE else None
+
+        for text, values in self._fetch_responses(
+                _uid_set(uids), b"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])", literal):
+            uid = _fetch_uid(text)
+            if uid not in wanted or uid in items:
                 continue
-            messages.append(RemoteMessage(
+            size = _RFC822_SIZE.search(text)
+            date = _INTERNALDATE.search(text)
+            header = next((v for v in values if v is not None), None)
+            items[uid] = RemoteMessage(
                 key=f"{self.uidvalidity}:{uid}",
-                size=int(item.get(b"RFC822.SIZE") or 0),
-                received=_iso_utc(item.get(b"INTERNALDATE")),
-                message_id=_message_id(_find_item(item, b"BODY[HEADER")),
+                size=int(size.group(1)) if size else 0,
+                received=_received(date.group(1)) if date else "",
+                message_id=_message_id(header),
                 extra={"uid": uid, "folder": self.folder},
-            ))
-        return messages
+            )
 
     def fetch_raw(self, message: RemoteMessage, dest: BinaryIO) -> int:
         """Write the message to `dest` without setting \\Seen. Messages above
@@ -277,52 +300,124 @@ class ImapConnector(Connector):
                         dest_factory: Callable[[RemoteMessage], ContextManager[BinaryIO]]) -> dict[str, int]:
         """Fetch many messages with few round trips; returns {key: bytes written}.
 
-        Consecutive small messages share one `UID FETCH ... BODY.PEEK[]`
-        (up to BATCH_COUNT messages / BATCH_BYTES), large ones are fetched in
-        chunks as in `fetch_raw`. For each message, `dest_factory(message)`
-        must return a context manager giving a writable binary file (e.g.
-        `lambda m: open(path_for(m), "wb")`); it is entered, written and
-        exited (closed) here. Messages already gone from the server are left
-        out of the result (for a large one, its destination may have been
-        opened and be empty). Nothing is marked read. Raises
-        `uidvalidity_changed` before fetching anything if any key is stale."""
-        messages = list(messages)
-        uids = {m.key: self._uid(m) for m in messages}
+        One `UID FETCH <uids> (UID BODY.PEEK[])` per BATCH_COUNT messages,
+        whatever their sizes, read straight off the socket: each message is
+        copied to its destination in pieces of at most CHUNK_SIZE as it
+        arrives, so memory stays at about one piece even for a 50 MB message
+        (imaplib would hold a whole response, and imapclient's parser would
+        walk it; ranged fetches would cost a round trip per piece). For each
+        message, `dest_factory(message)` must return a context manager giving
+        a writable binary file (e.g. `lambda m: open(path_for(m), "wb")`); it
+        is entered, written and exited (closed) here, and exited with the
+        exception if the message could not be read completely. Messages
+        already gone from the server are left out of the result. Nothing is
+        marked read. Raises `uidvalidity_changed` before fetching anything if
+        any key is stale."""
+        by_uid = {self._uid(m): m for m in messages}
         written: dict[str, int] = {}
-        bundle: list[RemoteMessage] = []
-        bundle_bytes = 0
-        for m in messages:
-            small = 0 < m.size <= self.LARGE_MESSAGE
-            if bundle and (not small or len(bundle) >= self.BATCH_COUNT
-                           or bundle_bytes + m.size > self.BATCH_BYTES):
-                self._fetch_bundle(bundle, uids, dest_factory, written)
-                bundle, bundle_bytes = [], 0
-            if small:
-                bundle.append(m)
-                bundle_bytes += m.size
-                continue
-            try:  # large, or size unknown: fetch_raw decides on chunking
-                with dest_factory(m) as dest:
-                    written[m.key] = self.fetch_raw(m, dest)
-            except ConnectorError as exc:
-                if exc.diagnosis.code != "message_not_found":
-                    raise
+        uids = sorted(by_uid)
+        for i in range(0, len(uids), self.BATCH_COUNT):
+            part = uids[i:i + self.BATCH_COUNT]
+            retry = self._stream_bodies(part, by_uid, dest_factory, written)
+            for uid in retry:  # the server sent the body before the UID: fetch it alone
+                m = by_uid[uid]
+                try:
+                    with dest_factory(m) as dest:
+                        written[m.key] = self.fetch_raw(m, dest)
+                except ConnectorError as exc:
+                    if exc.diagnosis.code != "message_not_found":
+                        raise
+        for m in by_uid.values():
+            if m.key not in written:
                 log.info("IMAP message %s is gone from the server; skipped", m.key)
-        if bundle:
-            self._fetch_bundle(bundle, uids, dest_factory, written)
         return written
 
-    def _fetch_bundle(self, bundle, uids, dest_factory, written) -> None:
-        with self._step("reading"):
-            data = self._client.fetch([uids[m.key] for m in bundle], [b"BODY.PEEK[]"])
-        for m in bundle:
-            body = (data.get(uids[m.key]) or {}).get(b"BODY[]")
-            if body is None:
-                log.info("IMAP message %s is gone from the server; skipped", m.key)
-                continue
+    def _stream_bodies(self, uids: list[int], by_uid: dict[int, RemoteMessage], dest_factory,
+                       written: dict[str, int]) -> list[int]:
+        """One streamed UID FETCH of whole bodies (see fetch_raw_batch).
+        Returns the UIDs whose body came before their UID in a response and
+        was too large to hold until the UID was known (fetch those alone)."""
+        imap = self._client._imap
+        retry: list[int] = []
+
+        def literal(text: bytes, size: int):
+            if not _BODY_LITERAL.search(text):
+                _read_literal(imap, size, keep=0)  # not asked for (unsolicited): dropped
+                return None
+            uid = _fetch_uid(text)
+            if uid is None:
+                # The UID comes later in this response (servers choose the
+                # order). Hold a small body until then; a large one is dropped
+                # and fetched again on its own.
+                return _read_literal(imap, size, keep=self.CHUNK_SIZE)
+            m = by_uid.get(uid)
+            if m is None or m.key in written:
+                _read_literal(imap, size, keep=0)
+                return None
             with dest_factory(m) as dest:
-                dest.write(body)
-            written[m.key] = len(body)
+                _copy_literal(imap, size, dest, self.CHUNK_SIZE)
+            written[m.key] = size
+            return None
+
+        with self._step("reading"):
+            for text, values in self._fetch_responses(_uid_set(uids), b"(UID BODY.PEEK[])", literal):
+                body = next((v for v in values if v is not None), None)
+                if body is None:
+                    continue
+                uid = _fetch_uid(text)
+                m = by_uid.get(uid)
+                if m is None or m.key in written:
+                    continue
+                if body is _TOO_LARGE:
+                    retry.append(uid)
+                    continue
+                with dest_factory(m) as dest:
+                    dest.write(body)
+                written[m.key] = len(body)
+        return retry
+
+    def _fetch_responses(self, uid_set: bytes, items: bytes, literal) -> Iterator[tuple[bytes, list]]:
+        """Send `UID FETCH uid_set items` and yield (text, literal values) for
+        each FETCH response, reading the socket directly.
+
+        `literal(text, size)` is called when a literal begins, with the
+        response text so far (ending in `{size}`); it must consume exactly
+        `size` bytes from the connection and returns the value to keep for
+        it. `text` is the whole response with the literals cut out. Other
+        untagged responses (EXISTS, EXPUNGE, ...) are skipped. A NO from the
+        server (some messages could not be fetched) ends the responses;
+        those messages are simply missing. If reading stops half way, the
+        connection is unusable and is shut down."""
+        imap = self._client._imap
+        tag = imap._command("UID", "FETCH", uid_set, items)
+        done = False
+        try:
+            while True:
+                line = _read_line(imap)
+                if line.startswith(tag + b" "):
+                    done = True
+                    status = line[len(tag) + 1:].split(b" ", 1)[0].upper()
+                    if status == b"BAD":
+                        raise IMAPClientError(f"fetch failed: {line.decode('ascii', 'replace')}")
+                    if status != b"OK":
+                        log.info("IMAP %s:%s FETCH: %s", self.host, self.port, line.decode("ascii", "replace"))
+                    return
+                parts, values = [line], []
+                while (lit := _LITERAL_AT_END.search(line)) is not None:
+                    values.append(literal(b"".join(parts), int(lit.group(1))))
+                    line = _read_line(imap)
+                    parts.append(line)
+                if line.startswith(b"* BYE"):
+                    raise IMAPClientAbortError(line.decode("ascii", "replace"))
+                if _FETCH_RESPONSE.match(parts[0]):
+                    yield b"".join(parts), values
+        finally:
+            imap.tagged_commands.pop(tag, None)
+            if not done:
+                # Stopped inside the response: what is left of it would be
+                # read as the answer to the next command.
+                with contextlib.suppress(Exception):
+                    self._client.shutdown()
 
     def mark_read(self, messages: Iterable[RemoteMessage]) -> None:
         """Set \\Seen. Keys from an older UIDVALIDITY are skipped (their UIDs
@@ -478,6 +573,74 @@ class ImapConnector(Connector):
         return text
 
 
+#: A line that ends in a literal's announcement: `{size}` (CRLF already cut).
+_LITERAL_AT_END = re.compile(rb"\{(\d+)\}\Z")
+_FETCH_RESPONSE = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
+#: The literal about to be read is the whole body, `BODY[] {size}`.
+_BODY_LITERAL = re.compile(rb"[( ]BODY\[\] \{\d+\}\Z", re.IGNORECASE)
+_UID_ITEM = re.compile(rb"[( ]UID (\d+)", re.IGNORECASE)
+_RFC822_SIZE = re.compile(rb"[( ]RFC822\.SIZE (\d+)", re.IGNORECASE)
+_INTERNALDATE = re.compile(rb'[( ]INTERNALDATE "([^"]*)"', re.IGNORECASE)
+#: The literal about to be read is the header section asked for (servers echo
+#: the field list differently, e.g. `BODY[HEADER.FIELDS ("Message-ID")]`).
+_HEADER_LITERAL = re.compile(rb"[( ]BODY\[HEADER[^\]]*\] \{\d+\}\Z", re.IGNORECASE)
+#: _read_literal's answer for a literal larger than it may keep (it was read and dropped).
+_TOO_LARGE = object()
+
+
+def _read_line(imap) -> bytes:
+    """imaplib's _get_line without its debug log, which formats a repr of
+    every line (thousands per fetch) into a ring buffer nobody reads."""
+    line = imap.readline()
+    if not line.endswith(b"\r\n"):
+        raise IMAPClientAbortError(f"socket error: unterminated line: {line[:80]!r}" if line else "socket error: EOF")
+    return line[:-2]
+
+
+def _fetch_uid(text: bytes) -> Optional[int]:
+    """The UID in a FETCH response's text (literals cut out), if it came yet."""
+    m = _UID_ITEM.search(text)
+    return int(m.group(1)) if m else None
+
+
+def _uid_set(uids: list[int]) -> bytes:
+    """`1:3,7,9:10` for [1, 2, 3, 7, 9, 10]: runs of consecutive UIDs become
+    ranges (they hold exactly the listed UIDs), so the command stays short."""
+    out, i = [], 0
+    while i < len(uids):
+        j = i
+        while j + 1 < len(uids) and uids[j + 1] == uids[j] + 1:
+            j += 1
+        out.append(f"{uids[i]}:{uids[j]}" if j > i else str(uids[i]))
+        i = j + 1
+    return ",".join(out).encode()
+
+
+def _read_literal(imap, size: int, keep: int):
+    """Read a literal of `size` bytes; returns it if it is at most `keep`
+    bytes, else drops it piece by piece and returns _TOO_LARGE."""
+    if size <= keep:
+        data = imap.read(size)
+        if len(data) != size:
+            raise IMAPClientAbortError("socket error: EOF inside a literal")
+        return data
+    _copy_literal(imap, size, None, 1024 * 1024)
+    return _TOO_LARGE
+
+
+def _copy_literal(imap, size: int, dest: Optional[BinaryIO], piece: int) -> None:
+    """Copy a literal of `size` bytes to `dest` (None: drop it) in pieces of
+    at most `piece` bytes: memory stays at one piece whatever the size."""
+    left = size
+    while left:
+        data = imap.read(min(left, piece))
+        if not data:
+            raise IMAPClientAbortError("socket error: EOF inside a literal")
+        if dest is not None:
+            dest.write(data)
+        left -= len(data)
+
+
 def _quiet_imaplib(client: imapclient.IMAPClient) -> None:
     """imapclient sets imaplib's debug level to 5 and routes it to the
     "imapclient.imaplib" logger. At that level imaplib formats a repr of every
@@ -502,11 +665,48 @@ def _find_item(item: dict, prefix: bytes):
     return None
 
 
+#: The usual Message-ID header: one line, ASCII, not folded.
+_SIMPLE_MESSAGE_ID = re.compile(rb"Message-ID:[ \t]*([\x21-\x7e][\x20-\x7e]*)\r?\n(?![ \t])", re.IGNORECASE)
+
+
 def _message_id(header: Optional[bytes]) -> str:
     if not header:
         return ""
+    simple = _SIMPLE_MESSAGE_ID.match(header)
+    if simple:  # what the email parser below gives for it, a hundred times faster
+        return " ".join(simple.group(1).decode("ascii").split())
     value = email.message_from_bytes(header).get("Message-ID")
     return " ".join(str(value).split()) if value else ""
+
+
+#: RFC 3501 date-time, e.g. ` 7-Feb-2026 09:41:03 +0100` (the day may be space-padded).
+_INTERNALDATE_FORMAT = re.compile(rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)\Z")
+_MONTHS = {m: i for i, m in enumerate(
+    (b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"), 1)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _received(internaldate: bytes) -> str:
+    """INTERNALDATE as ISO 8601 UTC. Cached: mail arrives in bursts, and a
+    listing of hundreds of messages often holds the same second many times."""
+    return _iso_utc(_parse_internaldate(internaldate))
+
+
+def _parse_internaldate(value: bytes):
+    m = _INTERNALDATE_FORMAT.match(value)
+    month = _MONTHS.get(m.group(2).lower()) if m else None
+    if month:  # the format servers send: read here (imapclient's general parser is slow)
+        try:
+            offset = dt.timedelta(hours=int(m.group(8)), minutes=int(m.group(9)))
+            return dt.datetime(int(m.group(3)), month, int(m.group(1)), int(m.group(4)), int(m.group(5)),
+                               int(m.group(6)), tzinfo=dt.timezone(-offset if m.group(7) == b"-" else offset))
+        except ValueError:
+            pass
+    try:
+        return imapclient.datetime_util.parse_to_datetime(value, normalise=False)
+    except ValueError:
+        log.info("IMAP unreadable INTERNALDATE %r", value)
+        return None
 
 
 def _iso_utc(value) -> str:

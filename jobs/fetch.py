@@ -100,14 +100,16 @@ def fetch(connection_id: int, enqueue_processing: bool = True) -> dict:
 
 
 def _keepalive(lock):
-    """Extend the lock at most every few seconds while capture progresses."""
+    """Extend the lock at most every few seconds while capture progresses
+    (called for every message and every piece of a large one: cheap)."""
     import time
 
+    every = max(1, _lock_seconds() // 4)
     last = [time.monotonic()]
 
     def beat() -> None:
         now = time.monotonic()
-        if now - last[0] >= max(1, _lock_seconds() // 4):
+        if now - last[0] >= every:
             lock.reacquire()
             last[0] = now
     return beat

@@ -283,3 +283,79 @@ def test_exchange_connection_fetches_through_the_same_path(app, make_admin, ews_
     assert counts(conn) == (3, 3)
     assert all(ews_server.is_read(i) for i in ids)
     assert fetch.fetch(conn.id)["listed"] == 0
+
+
+def test_same_bytes_twice_in_one_batch_are_stored_once_and_no_temporary_file_is_left(imap_connection, dovecot, app):
+    from pathlib import Path
+
+    from jobs import fetch
+
+    conn = imap_connection()
+    raws = [make_mail(i, body=f"unique to this test {i}\n" * 50) for i in range(6)]
+    append_many(dovecot, conn.user, raws[:3] + [raws[1]] + raws[3:])  # re-delivered within the batch
+    data = Path(app.config["DATA_DIR"])
+    before = {p for p in data.rglob("*") if p.is_file()}
+    result = fetch.fetch(conn.id, enqueue_processing=False)
+    assert (result["stored"], result["duplicates"]) == (6, 1)
+    with db.connection_context():
+        assert RemoteKey.select().where(RemoteKey.connection == conn.id).count() == 7
+        paths = [m.path for m in StoredMessage.select().where(StoredMessage.connection == conn.id)]
+    added = sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file() and p not in before)
+    assert added == sorted(paths), "only the content-addressed files: no temporary file left anywhere"
+    assert dovecot.unseen(conn.user) == []
+
+
+def test_a_file_that_cannot_be_written_stops_the_run_without_marking_it_read(imap_connection, dovecot, monkeypatch):
+    """A failure on the writer thread (disk full) reaches the run: what was
+    made durable before it is recorded and marked read, the rest stays unread
+    and is fetched by the next run, once."""
+    from ingest.store import RawStore
+    from jobs import fetch
+
+    conn = imap_connection()
+    append_many(dovecot, conn.user, [make_mail(i) for i in range(200)])
+    real, calls = RawStore.begin_whole, []
+
+    def disk_full(self, data, sha=None):
+        calls.append(1)
+        if len(calls) == 150:
+            raise OSError(28, "No space left on device")
+        return real(self, data, sha)
+    monkeypatch.setattr(RawStore, "begin_whole", disk_full)
+    result = fetch.fetch(conn.id, enqueue_processing=False)
+    assert "No space left on device" in result["error"]["message"]
+    with db.connection_context():
+        keys = {k.key: k.marked_read for k in RemoteKey.select().where(RemoteKey.connection == conn.id)}
+    unseen = dovecot.unseen(conn.user)
+    assert 0 < len(unseen) < 200
+    # Marked read only if recorded (and so durable): every message is either read and stored, or unread.
+    assert len(keys) == 200 - len(unseen) and all(keys.values())
+    monkeypatch.undo()
+    again = fetch.fetch(conn.id, enqueue_processing=False)
+    assert again["stored"] == len(unseen) and dovecot.unseen(conn.user) == []
+    with db.connection_context():
+        assert StoredMessage.select().where(StoredMessage.connection == conn.id).count() == 200
+
+
+def test_capture_writes_the_same_rows_as_peewee(app, make_admin):
+    """Capture writes its rows with SQL of its own (for speed): the same
+    columns, defaults and conversions as peewee's insert_many."""
+    from ingest.capture import _insert_many
+
+    _, _, org = make_admin()
+    now = utcnow()
+    with db.connection_context():
+        conn = EmailConnection.create(organization=org, name="Rows", api_name="Rows", protocol="imap")
+        row = dict(organization=org.id, connection=conn.id, connection_name="Rows", size=123, path="raw/x",
+                   received_at="2026-11-30T03:00:00+00:00", message_id="<m@example.com>", state="captured",
+                   error="", captured_at=now)
+        StoredMessage.insert_many([dict(row, sha256="a" * 64)]).execute()
+        _insert_many(StoredMessage, [dict(row, sha256="b" * 64)])
+        ours, peewees = (StoredMessage.get(StoredMessage.sha256 == sha).__data__ for sha in ("b" * 64, "a" * 64))
+        RemoteKey.insert_many([dict(connection=conn.id, key="7:1", message=peewees["id"], created_at=now)]).execute()
+        _insert_many(RemoteKey, [dict(connection=conn.id, key="7:2", message=ours["id"], created_at=now)])
+        keys = {k.key: k.__data__ for k in RemoteKey.select().where(RemoteKey.connection == conn.id)}
+    ignore = {"id", "sha256", "key", "message"}
+    assert {k: v for k, v in ours.items() if k not in ignore} == {k: v for k, v in peewees.items() if k not in ignore}
+    assert ({k: v for k, v in keys["7:2"].items() if k not in ignore}
+            == {k: v for k, v in keys["7:1"].items() if k not in ignore})

@@ -314,22 +314,170 @@ def test_large_message_fetched_in_chunks_intact(dovecot, mailbox, tmp_path):
     assert dovecot.unseen(user) != []
 
 
-def test_fetch_raw_batch_fetches_small_ones_together(dovecot, mailbox, tmp_path):
+def test_fetch_raw_batch_streams_all_in_one_fetch_with_bounded_memory(dovecot, mailbox, tmp_path):
     user, password = mailbox
     small = [make_message(f"small {i}")[0] for i in range(5)]
-    big = make_message("big", body_size=3 * 1024 * 1024)[0]
+    big = make_message("big", body_size=8 * 1024 * 1024)[0]
     for raw in small[:3] + [big] + small[3:]:
         dovecot.append(user, raw)
     with ImapConnector(imap_settings(dovecot, user, password, encryption="none", trust=False)) as c:
         listed = c.list_unread(10)
-        fetches = _record_fetches(c)
-        written = c.fetch_raw_batch(listed, lambda m: open(tmp_path / m.key.replace(":", "_"), "wb"))
+        commands = _record_commands(c)
+        tracemalloc.start()
+        try:
+            written = c.fetch_raw_batch(listed, lambda m: open(tmp_path / m.key.replace(":", "_"), "wb"))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        c.check()  # the connection is still in step after the streamed response
     expected = small[:3] + [big] + small[3:]
     assert [written[m.key] for m in listed] == [len(r) for r in expected]
     assert [(tmp_path / m.key.replace(":", "_")).read_bytes() for m in listed] == expected
-    whole = [f for f in fetches if "<" not in f]
-    assert len(whole) == 2, "the small messages before and after the big one: one FETCH each run"
+    assert [c for c in commands if "FETCH" in c] == ["UID FETCH"], "small and big: one command"
+    # The 8 MB body went to its file in pieces of at most one CHUNK_SIZE.
+    assert peak < 3 * 1024 * 1024, f"fetching 8 MB held {peak / 2**20:.1f} MiB at once"
     assert len(dovecot.unseen(user)) == 6
+
+
+def test_fetch_raw_batch_leaves_out_what_the_server_no_longer_has(dovecot, mailbox, tmp_path):
+    user, password = mailbox
+    raws = [make_message(f"mail {i}")[0] for i in range(3)]
+    uids = [dovecot.append(user, raw) for raw in raws]
+    with ImapConnector(imap_settings(dovecot, user, password)) as c:  # over TLS, the socket read directly
+        listed = c.list_unread(10)
+        with dovecot.client(user) as other:  # someone else deletes the middle one meanwhile
+            other.select_folder("INBOX")
+            other.delete_messages([uids[1]])
+            other.expunge()
+        written = c.fetch_raw_batch(listed, lambda m: open(tmp_path / m.key.replace(":", "_"), "wb"))
+        assert sorted(written) == sorted([listed[0].key, listed[2].key])
+        assert [(tmp_path / m.key.replace(":", "_")).read_bytes() for m in (listed[0], listed[2])] == [raws[0], raws[2]]
+        c.mark_read(listed)  # still in step
+    assert dovecot.unseen(user) == []
+
+
+# -- the streamed FETCH against scripted server responses ---------------------------
+
+class _ScriptedImap:
+    """Just enough of imaplib.IMAP4 for `_fetch_responses`: the server's
+    bytes come from a script (`{tag}` stands for the command's tag)."""
+
+    def __init__(self, script: bytes):
+        self.stream = io.BytesIO(script.replace(b"{tag}", b"A1"))
+        self.tagged_commands = {}
+        self.sent = []
+
+    def _command(self, *args):
+        self.sent.append(args)
+        self.tagged_commands[b"A1"] = None
+        return b"A1"
+
+    def readline(self):
+        return self.stream.readline()
+
+    def read(self, size):
+        return self.stream.read(size)
+
+
+class _ScriptedClient:
+    def __init__(self, script: bytes):
+        self._imap = _ScriptedImap(script)
+        self.shut = False
+
+    def shutdown(self):
+        self.shut = True
+
+
+def _scripted(script: bytes) -> ImapConnector:
+    c = ImapConnector(ConnectionSettings(protocol="imap", host="imap.example.test", encryption="none"))
+    c._client, c.uidvalidity, c.folder = _ScriptedClient(script), 7, "INBOX"
+    return c
+
+
+class _Sink:
+    """dest_factory that keeps what was written and how each file ended."""
+
+    def __init__(self):
+        self.files, self.ended = {}, {}
+
+    def __call__(self, m):
+        sink = self
+
+        class Dest(io.BytesIO):
+            def __exit__(self, exc_type, *rest):
+                sink.files[m.key] = self.getvalue()
+                sink.ended[m.key] = "ok" if exc_type is None else "failed"
+                return super().__exit__(exc_type, *rest)
+        return Dest()
+
+
+def _refs(*uids):
+    return [RemoteMessage(key=f"7:{uid}", size=10) for uid in uids]
+
+
+def test_streamed_fetch_takes_items_in_any_order_and_skips_unsolicited_responses():
+    c = _scripted(b"* 1 FETCH (UID 10 BODY[] {5}\r\nhello)\r\n"
+                  b"* 9 EXISTS\r\n"
+                  b"* 4 FETCH (FLAGS (\\Seen) UID 99)\r\n"  # someone else's flag change
+                  b"* 5 FETCH (UID 98 BODY[HEADER] {3}\r\nabc)\r\n"  # not ours, with a literal
+                  b"* 2 FETCH (BODY[] {6}\r\nworld! UID 11)\r\n"  # the UID after the body
+                  b"* 3 FETCH (UID 12 BODY[] {0}\r\n)\r\n"  # empty
+                  b"{tag} OK Fetch completed.\r\n")
+    sink = _Sink()
+    written = c.fetch_raw_batch(_refs(10, 11, 12), sink)
+    assert written == {"7:10": 5, "7:11": 6, "7:12": 0}
+    assert sink.files == {"7:10": b"hello", "7:11": b"world!", "7:12": b""}
+    assert c._client._imap.sent == [("UID", "FETCH", b"10:12", b"(UID BODY.PEEK[])")]
+    assert c._client._imap.tagged_commands == {} and not c._client.shut
+
+
+def test_streamed_fetch_fetches_alone_a_large_body_sent_before_its_uid(monkeypatch):
+    c = _scripted(b"* 1 FETCH (BODY[] {12}\r\nlarge body!! UID 10)\r\n"
+                  b"{tag} OK Fetch completed.\r\n")
+    c.CHUNK_SIZE = 4  # "large": more than one piece, too much to hold until the UID comes
+    alone = []
+
+    def fetch_raw(message, dest):
+        alone.append(message.key)
+        dest.write(b"large body!!")
+        return 12
+    monkeypatch.setattr(c, "fetch_raw", fetch_raw)
+    sink = _Sink()
+    assert c.fetch_raw_batch(_refs(10), sink) == {"7:10": 12}
+    assert alone == ["7:10"] and sink.files == {"7:10": b"large body!!"}
+
+
+def test_streamed_fetch_no_from_the_server_leaves_the_missing_ones_out():
+    c = _scripted(b"* 1 FETCH (UID 10 BODY[] {2}\r\nhi)\r\n"
+                  b"{tag} NO Some messages could not be FETCHed\r\n")
+    sink = _Sink()
+    assert c.fetch_raw_batch(_refs(10, 11), sink) == {"7:10": 2}
+    assert not c._client.shut
+
+
+def test_streamed_fetch_cut_off_inside_a_body_fails_that_file_and_the_connection():
+    c = _scripted(b"* 1 FETCH (UID 10 BODY[] {2}\r\nhi)\r\n"
+                  b"* 2 FETCH (UID 11 BODY[] {100}\r\nonly part of it")
+    sink = _Sink()
+    with pytest.raises(ConnectorError) as info:
+        c.fetch_raw_batch(_refs(10, 11), sink)
+    assert info.value.diagnosis.code == "connection_lost"
+    assert sink.ended == {"7:10": "ok", "7:11": "failed"}
+    assert c._client.shut, "the rest of the response must not be read as the next command's answer"
+
+
+def _record_commands(connector) -> list[str]:
+    """Spy on the commands the connector sends, as "UID FETCH", "UID STORE"..."""
+    calls: list[str] = []
+    imap = connector._client._imap
+    real = imap._command
+
+    def command(name, *args):
+        calls.append(" ".join([name] + [a for a in args[:1] if a in ("FETCH", "STORE", "SEARCH")]))
+        return real(name, *args)
+
+    imap._command = command
+    return calls
 
 
 def test_uidvalidity_change_refuses_old_keys(dovecot, mailbox):
