@@ -32,7 +32,7 @@ from .store import RawStore
 
 log = logging.getLogger(__name__)
 MAX_TEXT = 2 * 1024 * 1024
-BATCH_MAX = 100  # emails per process_many round (jobs send 25)
+BATCH_MAX = 100  # emails per process_many round (jobs send 50)
 # Parsed text held for one write transaction: a batch of large emails is
 # written in several transactions instead of holding (and sending) it all.
 PENDING_CHARS = 16 * 1024 * 1024
