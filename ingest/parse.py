@@ -178,7 +178,7 @@ def _parse_top(raw: bytes, ctx: _Context) -> ParsedEmail:
     limits = ctx.limits
     if len(raw) > limits.max_bytes:
         raise ParseError("too_large", f"{len(raw)} bytes > {limits.max_bytes}")
-    if not raw.strip():
+    if not raw or raw.isspace():  # not raw.strip(): that would copy the whole message
         raise ParseError("empty", "no content")
     for magic, what in _MAGIC:
         if raw.startswith(magic):
@@ -834,7 +834,7 @@ def _add_nested_bytes(data: bytes, out: ParsedEmail, ctx: _Context, depth: int,
         defects.add(f"part {where}: attached message deeper than {ctx.limits.max_depth}; skipped")
         return
     try:
-        if not data.strip() or any(data.startswith(magic) for magic, _ in _MAGIC):
+        if not data or data.isspace() or any(data.startswith(magic) for magic, _ in _MAGIC):
             raise ParseError("not_mime")
         msg = _split(data)
         _require_mail_headers(msg)
