@@ -71,7 +71,8 @@ def test_1000_messages_become_1000_incidents_and_a_second_run_adds_nothing(imap_
     assert counts(conn) == (1000, 1000)
     assert dovecot.unseen(conn.user) == []
     with db.connection_context():
-        assert StoredMessage.select().where(StoredMessage.state != "processed").count() == 0
+        assert StoredMessage.select().where((StoredMessage.connection == conn.id)
+                                            & (StoredMessage.state != "processed")).count() == 0
         fresh = EmailConnection.get_by_id(conn.id)
         assert fresh.messages_total == 1000 and fresh.status == "ok" and fresh.last_fetch_at
     again = fetch_and_process(conn, run_jobs)
