@@ -353,7 +353,7 @@ def _attachment_rows(parsed, store: RawStore) -> list[dict]:
         for att in source.attachments or []:
             data = getattr(att, "data", None)
             if data is not None:
-                rel, _ = store.put_bytes(data, kind="att")
+                rel, _ = store.put_bytes(data, kind="att", sha=att.sha256)
             else:
                 rel = ""
             key = (att.sha256, from_evidence)

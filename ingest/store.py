@@ -150,9 +150,12 @@ class RawStore:
     def rel_for(self, sha: str, suffix: str = ".eml") -> str:
         return f"raw/{sha[:2]}/{sha[2:4]}/{sha}{suffix}"
 
-    def put_bytes(self, data: bytes, kind: str = "raw", suffix: str = ".bin") -> tuple[str, str]:
-        """Store small content (attachments) by hash; returns (rel path, sha256)."""
-        sha = hashlib.sha256(data).hexdigest()
+    def put_bytes(self, data: bytes, kind: str = "raw", suffix: str = ".bin", *,
+                  sha: str | None = None) -> tuple[str, str]:
+        """Store small content (attachments) by hash; returns (rel path, sha256).
+        `sha`: the SHA-256 hex digest when the caller already has it (parsing
+        hashes every attachment), so large attachments are not hashed twice."""
+        sha = sha or hashlib.sha256(data).hexdigest()
         rel = f"{kind}/{sha[:2]}/{sha[2:4]}/{sha}{suffix}"
         target = self.path(rel)
         if not target.exists():
