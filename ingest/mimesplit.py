@@ -55,13 +55,6 @@ def split(raw: bytes) -> Message | None:
     return msg
 
 
-def payload_bytes(payload) -> bytes | memoryview:
-    """A leaf payload from either parser as bytes-like, byte for byte."""
-    if isinstance(payload, str):
-        return payload.encode("ascii", "surrogateescape")
-    return payload
-
-
 class _Splitter:
     def __init__(self, raw: bytes):
         self.raw = raw

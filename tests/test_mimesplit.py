@@ -27,7 +27,8 @@ def tree(msg):
     if isinstance(payload, list):
         payload = [tree(p) for p in payload]
     elif payload is not None:
-        payload = bytes(mimesplit.payload_bytes(payload))
+        # The stdlib keeps str (8-bit bytes as surrogates), the splitter a memoryview.
+        payload = payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else bytes(payload)
     return {
         "unixfrom": msg._unixfrom, "headers": list(msg._headers), "payload": payload,
         "preamble": msg.preamble, "epilogue": msg.epilogue, "default_type": msg._default_type,
