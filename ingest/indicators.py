@@ -53,9 +53,11 @@ class _Collector:
         self._done: set[tuple[str, str]] = set()
 
     def add(self, kind: str, value: str, source: str) -> None:
-        if value and (kind, value) not in self._seen:
-            self._seen.add((kind, value))
-            self.items.append(Indicator(kind, value, source))
+        if value:
+            key = (kind, value)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.items.append(Indicator(kind, value, source))
 
     def first_time(self, step: str, raw: str) -> bool:
         """False when ``raw`` already went through ``step`` for this message.
@@ -74,8 +76,13 @@ class _Collector:
 def _collect_message(msg: ParsedEmail, found: _Collector, prefix: str) -> None:
     _collect_headers(msg, found, prefix)
     _collect_text(msg.subject, found, prefix + "header:Subject")
-    _collect_text(msg.text, found, prefix + "body")
-    _collect_html(msg.html, found, prefix + "html")
+    text = msg.text
+    hinted = _collect_text(text, found, prefix + "body")
+    # The HTML part of a multipart/alternative mail usually repeats the text
+    # part paragraph for paragraph; see _collect_html for why those repeats
+    # can be skipped when the text part has no defanging.
+    body_lines = set(text.splitlines()) if text and msg.html and not hinted else None
+    _collect_html(msg.html, found, prefix + "html", body_lines)
     for attachment in msg.attachments:
         source = f"{prefix}attachment:{attachment.filename}"
         found.add("sha256", attachment.sha256, source)
@@ -121,10 +128,18 @@ _REFANG = [
 ]
 # Each scanner starts on a literal or a rare character class so the regex
 # engine can skip ahead; token boundaries (what a look-behind would check)
-# are tested in Python on the few candidates. A look-behind at the start of
-# a pattern makes the engine try every position, 5-10x slower on 1 MB bodies.
-_SCHEME_SEP = re.compile(r"://[^\s<>\"'`{}|\\^]+")
-_SCHEME_BEFORE = re.compile(r"(?:https?|ftp)\Z", re.I)
+# are tested in Python on the few candidates, or in look-behinds placed
+# after the literal. A look-behind at the start of a pattern makes the
+# engine try every position, 5-10x slower on 1 MB bodies.
+#
+# A URL is a "://" run with a scheme right before it that does not continue
+# a word (\w is exactly str.isalnum() or "_"); the scheme is an optional
+# group of look-behinds, so a run without one is still consumed (a "://"
+# inside it never starts a URL) and the test costs no Python call. At most
+# one of the three can match, as their last letters differ; its group
+# (1, 2 or 3) is the scheme.
+_URL_FROM_SEP = re.compile(
+    r"://(?:(?<=(?<!\w)(https)://)|(?<=(?<!\w)(http)://)|(?<=(?<!\w)(ftp)://))?[^\s<>\"'`{}|\\^]+", re.I)
 _WWW = re.compile(r"[Ww][Ww][Ww]\d{0,3}\.[^\s<>\"'`{}|\\^]+")
 _AT = re.compile(r"@")
 # \w rather than ASCII classes: internationalised addresses (RFC 6531) exist.
@@ -144,6 +159,7 @@ _DIGITS_BEFORE = re.compile(r"\d{1,4}\Z")
 _IPV6_FULL_TAIL = re.compile(r":[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){6}")  # 8 groups, from the first ":"
 _HEX_BEFORE = re.compile(r"[0-9A-Fa-f]{1,5}\Z")
 _IPV6_COMPRESSED = re.compile(r"::[0-9A-Fa-f:]{0,37}")
+_COLON_HEX = re.compile(r":[0-9A-Fa-f:]")
 _HEX_COLON_BEFORE = re.compile(r"[0-9A-Fa-f:]{1,37}\Z")
 _DEFANGED_DOMAIN = re.compile(
     r"(?<![\w.\-\[\](){}])[A-Za-z0-9-]{1,63}(?:(?:\[\.\]|\(\.\)|\{\.\}|\[dot\]|\(dot\)|\.)[A-Za-z0-9-]{1,63}){1,10}",
@@ -181,13 +197,15 @@ def _refang_all(text: str) -> str:
     return text
 
 
-def _collect_text(text: str, found: _Collector, source: str) -> None:
+def _collect_text(text: str, found: _Collector, source: str) -> bool:
+    """Collects from ``text``; True when it has a defanging hint."""
     if not text:
-        return
+        return False
     # One lower-cased copy answers the cheap "could there be any?" questions
     # that let whole passes be skipped.
     lowered = text.lower()
-    if _has_defang_hint(text, lowered):
+    hinted = _has_defang_hint(text, lowered)
+    if hinted:
         # Every defanged-domain marker is also a defanging hint.
         _collect_defanged_domains(text, found, source)
         plain = _refang_all(text)
@@ -195,21 +213,28 @@ def _collect_text(text: str, found: _Collector, source: str) -> None:
         plain = text
     may_have_www = "www" in (lowered if plain is text else plain.lower())
     for url in _urls_in(plain, may_have_www):
-        _add_url(url, found, source)
+        # A part of a text without any hint has none either: refang() would
+        # return it unchanged (and the scanners never include whitespace).
+        _add_url(url, found, source, refanged=not hinted)
     if "@" in plain:
         for address in _emails_in(plain):
             _add_email(address, found, source)
-    for address in _ips_in(plain):
+    for candidate in _ipv4_candidates(plain):
+        # Not 0.0.0.0 or 127.x.x.x: is_unspecified and is_loopback.
+        if candidate != "0.0.0.0" and not candidate.startswith("127.") and _CANONICAL_IPV4.fullmatch(candidate):
+            found.add("ip", candidate, source)
+    for address in _ipv6s_in(plain):
         if not (address.is_unspecified or address.is_loopback):
             found.add("ip", str(address), source)
+    return hinted
 
 
 def _urls_in(text: str, may_have_www: bool = True) -> list[str]:
     urls = []
-    for match in _SCHEME_SEP.finditer(text):
-        scheme = _SCHEME_BEFORE.search(text, max(0, match.start() - 5), match.start())
-        if scheme and not _is_word_char(text, scheme.start() - 1):
-            urls.append(text[scheme.start():match.end()])
+    for match in _URL_FROM_SEP.finditer(text):
+        scheme = match.lastindex
+        if scheme:
+            urls.append(text[match.start(scheme):match.end()])
     # _WWW starts with a character class, which costs a step at every
     # position; the caller knows from a plain substring test whether "www"
     # occurs at all.
@@ -265,21 +290,37 @@ def _ips_in(text: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
 
 def _ipv4s_in(text: str) -> list[ipaddress.IPv4Address]:
     found = []
+    for candidate in _ipv4_candidates(text):
+        address = _ipv4_address(candidate)
+        if address is not None:
+            found.append(address)
+    return found
+
+
+def _ipv4_candidates(text: str) -> list[str]:
+    """The dotted quads that stand alone, not yet checked as addresses."""
+    found = []
+    digits_before = _DIGITS_BEFORE.search
     for match in _IPV4_TAIL.finditer(text):
         # The first octet is the whole digit run before the first ".": when
         # the run is longer than 3 the address would have to start inside
         # it, after a digit, and that is rejected below anyway.
-        digits = _DIGITS_BEFORE.search(text, max(0, match.start() - 4), match.start())
-        if digits is None or digits.end() - digits.start() > 3:
+        tail = match.start()
+        digits = digits_before(text, tail - 4 if tail > 4 else 0, tail)
+        if digits is None:
             continue
-        start, end = digits.start(), match.end()
+        start = digits.start()
+        if tail - start > 3:
+            continue
+        end = match.end()
+        if start:
+            before = text[start - 1]
+            if before.isalnum() or before in "_.":
+                continue  # part of a longer dotted number such as a version string
         following = text[end:end + 2]
-        if _is_word_char(text, start - 1, ".") or following[:1].isdigit() or (
-                following[:1] == "." and following[1:].isdigit()):
-            continue  # part of a longer dotted number such as a version string
-        address = _ipv4_address(text[start:end])
-        if address is not None:
-            found.append(address)
+        if following and (following[0].isdigit() or (following[0] == "." and following[1:].isdigit())):
+            continue
+        found.append(text[start:end])
     return found
 
 
@@ -293,7 +334,18 @@ def _ipv4_address(candidate: str) -> ipaddress.IPv4Address | None:
         return None
 
 
+# Exactly the strings IPv4Address() accepts (four decimal octets up to 255,
+# ASCII digits, no leading zero), for which str() of the address gives the
+# string back: a match is the indicator value without building the object.
+_IPV4_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_IPV4_OCTET}(?:\.{_IPV4_OCTET}){{3}}")
+
+
 def _ipv6s_in(text: str) -> list[ipaddress.IPv6Address]:
+    # Both shapes need a ":" followed by a hex digit or a ":"; in most mail
+    # every ":" is in "://" or before a space, and one scan says so.
+    if _COLON_HEX.search(text) is None:
+        return []
     spans = []
     if "::" in text:
         for match in _IPV6_COMPRESSED.finditer(text):
@@ -344,11 +396,23 @@ def strip_trailing_punctuation(url: str) -> str:
     return url
 
 
-def _add_url(url: str, found: _Collector, source: str) -> None:
+def _add_url(url: str, found: _Collector, source: str, refanged: bool = False) -> None:
+    """``refanged``: the caller knows refang(url.strip()) is ``url``."""
     if not found.first_time("url", url):
         return
-    url = strip_trailing_punctuation(refang(url.strip()))
+    url = strip_trailing_punctuation(url if refanged else refang(url.strip()))
     if not url or len(url) > _MAX_URL:
+        return
+    plain = _PLAIN_AUTHORITY.match(url)
+    if plain is not None:
+        host = plain.group(1).lower()
+        if not host:
+            return
+        found.add("url", url, source)
+        if _CANONICAL_IPV4.fullmatch(host):
+            found.add("ip", host, source)  # what _add_host would add
+        else:
+            _add_host_cached(host, found, source)
         return
     try:
         host = urlsplit(url).hostname
@@ -357,7 +421,35 @@ def _add_url(url: str, found: _Collector, source: str) -> None:
     if not host:
         return
     found.add("url", url, source)
-    _add_host(host, found, source)
+    _add_host_cached(host, found, source)
+
+
+def _add_host_cached(host: str, found: _Collector, source: str) -> None:
+    if len(host) > 253:  # not a domain, and not worth a cache entry
+        _add_host(host, found, source)
+        return
+    indicator = _host_indicator(host)
+    if indicator is not None:
+        found.add(indicator[0], indicator[1], source)
+
+
+# Nearly every URL has a plain authority: an ASCII host name or IPv4
+# address and maybe a numeric port, then "/", "?", "#" or the end. For
+# those, urlsplit(url).hostname is the host lower-cased (no "@", "[", "%"
+# or non-ASCII for it to treat specially; tab and newline, which it
+# deletes, are not allowed either), and this match costs a sixth of it.
+# Anything else goes to urlsplit. tests/test_indicators_fastpaths.py pins it.
+_PLAIN_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._-]*)(?::[0-9]*)?(?=[/?#]|\Z)")
+
+
+# The same hosts recur (a campaign's domain, the addresses also in the
+# text); keys are host names (the caller passes longer ones uncached).
+@functools.lru_cache(maxsize=2048)
+def _host_indicator(host: str) -> tuple[str, str] | None:
+    """The ("ip" or "domain", value) pair _add_host adds for ``host``."""
+    collector = _Collector()
+    _add_host(host, collector, "")
+    return (collector.items[0].kind, collector.items[0].value) if collector.items else None
 
 
 def _add_host(host: str, found: _Collector, source: str) -> None:
@@ -442,7 +534,7 @@ _URL_ATTRIBUTES = {
 # sanitizer removes (forms are exactly the interesting ones). No raw-text
 # element (iframe, textarea, style, noscript, xmp…): html5ever writes their
 # content unescaped, which would break the "< only in tags" property that
-# _split_canonical relies on. An iframe's src is lost; mail clients never
+# _split_canonical_pieces relies on. An iframe's src is lost; mail clients never
 # load iframes, so phishing does not rely on them.
 _INDICATOR_TAGS = {
     "a", "abbr", "area", "audio", "b", "base", "big", "blockquote", "body", "br", "button",
@@ -455,7 +547,7 @@ _INDICATOR_SCHEMES = {"http", "https", "hxxp", "hxxps", "ftp", "mailto"}
 _REFRESH_URL = re.compile(r"url\s*=\s*['\"]?([^'\"\s>]+)", re.I)
 
 
-def _collect_html(html: str, found: _Collector, source: str) -> None:
+def _collect_html(html: str, found: _Collector, source: str, body_lines: set[str] | None = None) -> None:
     if not html:
         return
     html = html[:MAX_HTML_CHARS]
@@ -476,14 +568,27 @@ def _collect_html(html: str, found: _Collector, source: str) -> None:
         link_rel=None,
         strip_comments=True,
     )
-    tags, text = _split_canonical(canonical)
+    tags, pieces = _split_canonical_pieces(canonical)
     # Every attribute html.parser reports with a value has an "=" (one
     # without a value gives "", which yields nothing): plain markup such as
     # <p>, <br> or <table> alone needs no parsing.
     if "=" in tags:
         for url in _attribute_urls(tags):
             _add_attribute_url(url, found, source)
-    _collect_text(text, found, source)
+    if body_lines:
+        # A text piece (between two tags) that is also a line of the text
+        # part, collected before, can only yield pairs already seen, so it
+        # is left out. Every scanner (and refang) matches within a run of
+        # non-space characters, and past its ends it only tests that the
+        # next character is not part of a token, which white space never
+        # is: what a piece yields does not depend on the text around it,
+        # here (pieces are joined by spaces) or among the lines (strip()
+        # and splitlines() cut only at white space). The line has no
+        # defanging hint (body_lines is only given then), so neither does
+        # the piece, and refanging the rest leaves it alone.
+        # tests/test_indicators_fastpaths.py compares with and without.
+        pieces = [piece for piece in pieces if piece.strip() not in body_lines]
+    _collect_text(" ".join(pieces), found, source)
 
 
 # In nh3 output "<" and ">" occur only as tag delimiters: text and attribute
@@ -493,14 +598,22 @@ _CANONICAL_TAG = re.compile(r"(<[^<>]*>)")
 _SERIALIZER_ENTITIES = (("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&nbsp;", "\xa0"), ("&amp;", "&"))
 
 
-def _split_canonical(canonical: str) -> tuple[str, str]:
+def _split_canonical_pieces(canonical: str) -> tuple[str, list[str]]:
+    """The tags, and the text between them decoded, piece by piece (no
+    entity contains a space, so decoding the pieces joined by spaces gives
+    the same text)."""
     pieces = _CANONICAL_TAG.split(canonical)
     tags = "".join(pieces[1::2])
-    text = " ".join(pieces[0::2])
-    if "&" in text:  # five no-op passes over the text otherwise
-        for entity, char in _SERIALIZER_ENTITIES:
-            text = text.replace(entity, char)
-    return tags, text
+    texts = pieces[0::2]
+    if "&" in canonical:  # five no-op passes over each piece otherwise
+        texts = [_decode_serializer_entities(piece) if "&" in piece else piece for piece in texts]
+    return tags, texts
+
+
+def _decode_serializer_entities(text: str) -> str:
+    for entity, char in _SERIALIZER_ENTITIES:
+        text = text.replace(entity, char)
+    return text
 
 
 def _unescape_bounded(html: str) -> str:
