@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import functools
-import operator
 import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -137,9 +135,15 @@ def route_many(emails: list[Email]) -> dict[int, tuple[str, Optional[int]]]:
             holders.setdefault((org, msgid), {})[mid] = inc_id
             held_under[mid] = (org, msgid)
 
+    # The statements of every batch are written out, as processing writes its
+    # rows: peewee composing them cost more than the rest of routing. (Imported
+    # here, not at the top: processing imports this module.)
+    from .process import _col, _insert_rows, _params, _table
+
+    table, org_col, number_col = _table(Incident), _col(Incident.organization), _col(Incident.number)
     last_number = dict.fromkeys(orgs, 0)
-    last_number.update(Incident.select(Incident.organization, fn.MAX(Incident.number)).where(
-        Incident.organization.in_(orgs)).group_by(Incident.organization).tuples())
+    last_number.update(db.execute_sql(f"SELECT {org_col}, MAX({number_col}) FROM {table} WHERE {org_col} IN "
+                                      f"{_params(orgs)} GROUP BY {org_col}", orgs).fetchall())
 
     new: list[_NewIncident] = []
     touched: set[int] = set()  # existing incidents that got an email: updated_at
@@ -176,18 +180,19 @@ def route_many(emails: list[Email]) -> dict[int, tuple[str, Optional[int]]]:
 
     now = utcnow()
     if new:
-        for chunk in chunked(new, 100):
-            Incident.insert_many([dict(organization=i.org_id, number=i.number, title=(i.title or "(no subject)")[:500],
-                                       connection=i.connection_id, status="open", created_at=now, updated_at=now)
-                                  for i in chunk]).execute()
+        _insert_rows(Incident, (Incident.organization, Incident.number, Incident.title, Incident.connection,
+                                Incident.status, Incident.created_at, Incident.updated_at),
+                     [(i.org_id, i.number, (i.title or "(no subject)")[:500], i.connection_id, "open", now, now)
+                      for i in new])
         # Our numbers are ours now (the unique index): read their ids back.
         span: dict[int, tuple[int, int]] = {}
         for i in new:  # consecutive per organization
             span[i.org_id] = (span.get(i.org_id, (i.number,))[0], i.number)
-        where = functools.reduce(operator.or_, [(Incident.organization == org) & Incident.number.between(lo, hi)
-                                                for org, (lo, hi) in span.items()])
-        ids = {(org, number): inc_id for inc_id, org, number in Incident.select(
-            Incident.id, Incident.organization, Incident.number).where(where).tuples()}
+        p = db.param
+        where = " OR ".join([f"({org_col} = {p} AND {number_col} BETWEEN {p} AND {p})"] * len(span))
+        ids = {(org, number): inc_id for inc_id, org, number in db.execute_sql(
+            f"SELECT {_col(Incident.id)}, {org_col}, {number_col} FROM {table} WHERE {where}",
+            [v for org, (lo, hi) in span.items() for v in (org, lo, hi)]).fetchall()}
         for i in new:
             i.id = ids[(i.org_id, i.number)]
     if touched:

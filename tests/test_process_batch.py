@@ -12,8 +12,8 @@ from ingest import process as process_module
 from ingest import route
 from ingest.route import new_incident
 from ingest.store import RawStore
-from models import (MAX_PROCESS_ATTEMPTS, Attachment, ConnectionLog, EmailConnection, Incident, Indicator,
-                    Organization, StoredMessage, db)
+from models import (ALL_MODELS, MAX_PROCESS_ATTEMPTS, Attachment, ConnectionLog, EmailConnection, Incident,
+                    Indicator, Organization, StoredMessage, db)
 from tests.support.app_fixtures import unique
 
 
@@ -370,11 +370,33 @@ def test_batch_uses_constant_statements(org, connection, capture, monkeypatch, r
     with db.connection_context():
         first = new_incident(org.id, "Case to reply to")
     seen: list[str] = []
-    real_execute, real_begin = db.obj.execute_sql, db.obj.begin
+    real_cursor, real_begin = db.obj.cursor, db.obj.begin
 
-    def execute_sql(sql, params=None):
-        seen.append(sql)
-        return real_execute(sql, params)
+    class CountingCursor:
+        """Counts at the driver: execute_sql's statements and executemany's
+        (on SQLite the UPDATE is one executemany: one compiled statement run
+        for each row, in-process)."""
+
+        def __init__(self, cursor):
+            self._cursor = cursor
+
+        def execute(self, sql, params=()):
+            if not sql.upper().startswith("BEGIN"):  # counted by begin(), on PostgreSQL too
+                seen.append(sql)
+            return self._cursor.execute(sql, params)
+
+        def executemany(self, sql, rows):
+            seen.append(sql)
+            return self._cursor.executemany(sql, rows)
+
+        def __getattr__(self, name):
+            return getattr(self._cursor, name)
+
+        def __iter__(self):
+            return iter(self._cursor)
+
+    def cursor(*args, **kwargs):
+        return CountingCursor(real_cursor(*args, **kwargs))
 
     def begin(*args, **kwargs):
         seen.append("BEGIN")
@@ -384,7 +406,7 @@ def test_batch_uses_constant_statements(org, connection, capture, monkeypatch, r
         ids = [capture(conn, make_raw(f"Count {n} {i}" + (f" [{first.tag}]" if i % 3 == 0 else ""),
                                       attachment=b"x%d" % i if i % 4 == 0 else None)) for i in range(n)]
         seen.clear()
-        monkeypatch.setattr(db.obj, "execute_sql", execute_sql)
+        monkeypatch.setattr(db.obj, "cursor", cursor)
         monkeypatch.setattr(db.obj, "begin", begin)
         try:
             outcome = run_batch(ids)
@@ -397,3 +419,271 @@ def test_batch_uses_constant_statements(org, connection, capture, monkeypatch, r
     assert len(large) == len(small), (small, large)
     assert len(large) <= 16, large
     assert large.count("BEGIN") == 1  # one write transaction for the batch
+
+
+# -- The statements written out by hand give what peewee would have written.
+
+def _sample_values():
+    import datetime as dt
+    import decimal
+    import enum
+
+    class Text(str):
+        pass
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    return [None, "", "text", Text("a str subclass"), "2024-05-01 10:11:12", "12", 0, 7, 2 ** 70, True, False,
+            1.5, decimal.Decimal("2.5"), b"bytes", Level.HIGH, dt.datetime(2024, 5, 1, 10, 11, 12, 13),
+            dt.date(2024, 5, 1)]
+
+
+def test_db_value_shortcut_skips_only_values_db_value_returns_unchanged(app):
+    """For every field of every model and values of many types: a value the
+    fast path passes by is one f.db_value returns as it is (the same
+    object), and fields that convert (EncryptedField...) get no fast path."""
+    from models import EncryptedField, Organization
+
+    values = _sample_values() + [Organization(id=3)]
+    skipped = 0
+    for model in ALL_MODELS:
+        for f in model._meta.sorted_fields:
+            keep = process_module._unchanged_types(f)
+            if isinstance(f, EncryptedField):
+                assert keep == frozenset(), f
+            for v in values:
+                if type(v) in keep:
+                    skipped += 1
+                    assert f.db_value(v) is v, (f, v)
+    assert skipped > 100  # the shortcut does apply (str, int, bool, datetime, None...)
+
+
+@pytest.mark.parametrize("model", [Attachment, Indicator, Incident, StoredMessage])
+def test_db_rows_gives_what_db_value_gives(app, model):
+    """Values of every type through every field of the models processing
+    writes, each column mixing types: _db_rows gives what db_value gives one
+    value at a time (same values, same types)."""
+    from models import Organization
+
+    fields = model._meta.sorted_fields
+    values = _sample_values() + [Organization(id=3)]
+    for shift in range(len(values)):
+        rows = [tuple(values[(shift + i + j) % len(values)] for i in range(len(fields))) for j in range(5)]
+        expected = [tuple(f.db_value(v) for f, v in zip(fields, row)) for row in rows]
+        got = process_module._db_rows(fields, rows)
+        assert got == expected
+        assert [[type(v) for v in row] for row in got] == [[type(v) for v in row] for row in expected]
+
+
+def test_db_rows_leaves_rows_as_processing_makes_them():
+    rows = [(1, "invoice.pdf", "application/pdf", 5, "c" * 64, "d" * 32, "att/x", True)] * 3
+    fields = (Attachment.message, Attachment.filename, Attachment.content_type, Attachment.size, Attachment.sha256,
+              Attachment.md5, Attachment.path, Attachment.from_evidence)
+    assert process_module._db_rows(fields, rows) is rows  # nothing to convert: not even copied
+
+
+def _twin_messages(conn, capture, n: int) -> list[int]:
+    return [capture(conn, make_raw(f"Twin {i}")) for i in range(n)]
+
+
+def _stored(model, where_column: str, ids: list[int], columns: list[str]) -> dict[int, tuple]:
+    """{id: the columns as the database holds them}, read without peewee's
+    python_value (which would turn "2024-05-02" and "2024-05-02 00:00:00"
+    into the same datetime)."""
+    q = db.quote[0] + "{}" + db.quote[1]
+    sql = (f"SELECT {q.format(where_column)}, {', '.join(q.format(c) for c in columns)} "
+           f"FROM {q.format(model._meta.table_name)} WHERE {q.format(where_column)} IN "
+           f"({', '.join([db.param] * len(ids))}) ORDER BY {q.format('id')}")
+    out: dict[int, list] = {}
+    for row in db.execute_sql(sql, ids).fetchall():
+        out.setdefault(row[0], []).append(tuple(bytes(v) if isinstance(v, memoryview) else v for v in row[1:]))
+    return out
+
+
+@pytest.mark.parametrize("update", ["_update_each", "_update_case"])
+def test_update_rows_write_what_peewee_update_writes(org, connection, capture, update):
+    """Rows setting different columns, values db_value converts (a date-only
+    str for a datetime, bytes for a text column, a float for an integer, an
+    Incident for its id) and values it keeps: the database holds the same as
+    after peewee's own UPDATE of a twin row."""
+    import datetime as dt
+
+    conn = connection("incident")
+    with db.connection_context():
+        inc = new_incident(org.id, "For the update")
+    changes = [
+        dict(subject="Subject 1", text_body="x" * 5000, state="processed", error="",
+             processed_at=dt.datetime(2024, 5, 1, 1, 2, 3), route="new-incident", incident=inc.id),
+        dict(subject="Subject 2", evidence_json='{"a": 1}', state="processed", error="", processed_at="2024-05-02"),
+        dict(state="quarantined", error="Cannot be parsed", processed_at=dt.datetime(2024, 5, 3)),
+        dict(route=b"bytes", attempts=1.7, subject="Twin", incident=inc, date=""),
+        dict(state="quarantined", error="Another", processed_at=dt.datetime(2024, 5, 4), incident=None),
+    ]
+    ours, theirs = _twin_messages(conn, capture, len(changes)), _twin_messages(conn, capture, len(changes))
+    columns = [f.column_name for f in StoredMessage._meta.sorted_fields  # all but what capture made differ
+               if f.name not in ("id", "sha256", "size", "path", "message_id", "captured_at")]
+    with db.connection_context():
+        with db.atomic():
+            getattr(process_module, update)(StoredMessage, dict(zip(ours, changes)))
+            for mid, values in zip(theirs, changes):
+                StoredMessage.update(**values).where(StoredMessage.id == mid).execute()
+        stored = _stored(StoredMessage, "id", ours + theirs, columns)
+    assert [stored[a] for a in ours] == [stored[b] for b in theirs]
+    route, attempts, incident = (columns.index(c) for c in ("route", "attempts", "incident_id"))
+    assert stored[ours[3]][0][route] == "bytes" and stored[ours[3]][0][attempts] == 1
+    assert stored[ours[3]][0][incident] == inc.id
+
+
+def test_insert_rows_in_pieces_write_what_insert_many_writes(org, connection, capture):
+    """More rows than one statement takes on SQLite (SQLITE_INSERT_ROWS),
+    values db_value converts among them (bytes for text, a float for an
+    integer, an int for a boolean): the database holds the same rows, in the
+    same order, as after peewee's insert_many."""
+    conn = connection("incident")
+    ours, theirs = _twin_messages(conn, capture, 2), _twin_messages(conn, capture, 2)
+    n = 2 * process_module.SQLITE_INSERT_ROWS + 5
+    rows = [("url" if i % 3 else b"domain", f"http://{i}.example.net/", f"body {i}" if i % 7 else "") for i in range(n)]
+    attachments = [(f"f{i}.bin", "application/octet-stream", i if i % 2 else i + 0.5, "a" * 64, "b" * 32, f"att/{i}",
+                    bool(i % 3) if i % 5 else i % 3) for i in range(n)]
+    i_fields = (Indicator.message, Indicator.kind, Indicator.value, Indicator.source)
+    a_fields = (Attachment.message, Attachment.filename, Attachment.content_type, Attachment.size, Attachment.sha256,
+                Attachment.md5, Attachment.path, Attachment.from_evidence)
+    with db.connection_context():
+        with db.atomic():
+            process_module._insert_rows(Indicator, i_fields, [(ours[0], *r) for r in rows])
+            Indicator.insert_many([dict(zip([f.name for f in i_fields], (theirs[0], *r))) for r in rows]).execute()
+            process_module._insert_rows(Attachment, a_fields, [(ours[1], *r) for r in attachments])
+            Attachment.insert_many([dict(zip([f.name for f in a_fields], (theirs[1], *r))) for r in attachments]).execute()
+        indicators = _stored(Indicator, "message_id", [ours[0], theirs[0]], [f.column_name for f in i_fields[1:]])
+        stored_attachments = _stored(Attachment, "message_id", [ours[1], theirs[1]],
+                                     [f.column_name for f in a_fields[1:]])
+    assert indicators[ours[0]] == indicators[theirs[0]] and len(indicators[ours[0]]) == n
+    assert indicators[ours[0]][0][0] == "domain"
+    assert stored_attachments[ours[1]] == stored_attachments[theirs[1]] and len(stored_attachments[ours[1]]) == n
+    assert stored_attachments[ours[1]][0][2] == 0 and stored_attachments[ours[1]][5][6] == 1  # from 0.5 and 2
+
+
+def test_reprocessing_replaces_the_rows_of_the_earlier_processing(org, connection, capture, app):
+    """A forced reprocess starts over: the rows an earlier processing left
+    are replaced, not doubled."""
+    from ingest.process import process
+
+    conn = connection("inbox")
+    mid = capture(conn, make_raw("Twice", attachment=b"MZ twice"))
+    store = RawStore(app.config["DATA_DIR"])
+    with db.connection_context():
+        assert process(mid, store) == "inbox"
+        first = (Attachment.select().where(Attachment.message == mid).count(),
+                 Indicator.select().where(Indicator.message == mid).count())
+        StoredMessage.update(state="quarantined").where(StoredMessage.id == mid).execute()
+        assert process(mid, store, force=True) == "inbox"
+        again = (Attachment.select().where(Attachment.message == mid).count(),
+                 Indicator.select().where(Indicator.message == mid).count())
+    assert first == again and first[0] == 1 and first[1] > 0
+
+
+# -- Attachment files: durable as a group, before the rows that name them.
+
+def _att_files(app) -> list:
+    from pathlib import Path
+
+    root = Path(app.config["DATA_DIR"]) / "att"
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def test_attachment_files_are_durable_before_the_transaction_that_names_them(org, connection, capture, app,
+                                                                            monkeypatch):
+    from ingest import store as store_module
+
+    conn = connection("incident")
+    payloads = [unique("payload").encode() * 50 for _ in range(4)]
+    ids = [capture(conn, make_raw(f"Attached {i}", attachment=payloads[i % 4])) for i in range(6)]  # two repeat
+    events = []
+    real_sync, real_dir, real_write = store_module._sync_path, store_module._fsync_dir, process_module._write_once
+
+    def sync(path):
+        events.append(("sync", path))
+        return real_sync(path)
+
+    def sync_dir(path):
+        events.append(("dir", path))
+        return real_dir(path)
+
+    def write_once(batch):
+        store = RawStore(app.config["DATA_DIR"])
+        for w in batch:  # in place, complete, when the transaction that names them starts
+            for a in w.attachments:
+                assert store.path(a[6]).read_bytes() in payloads
+        events.append(("write", len(batch)))
+        return real_write(batch)
+
+    monkeypatch.setattr(store_module, "_sync_path", sync)
+    monkeypatch.setattr(store_module, "_fsync_dir", sync_dir)
+    monkeypatch.setattr(process_module, "_write_once", write_once)
+    assert run_batch(ids) == {"new-incident": 6}
+    kinds = [e[0] for e in events]
+    assert kinds.index("write") == len(kinds) - 1  # every fsync first
+    assert kinds.count("sync") == 4  # each distinct file once, though two emails repeat one
+    synced_dirs = {e[1] for e in events if e[0] == "dir"}
+    with db.connection_context():
+        rows = list(Attachment.select().where(Attachment.message.in_(ids)).order_by(Attachment.message))
+    store = RawStore(app.config["DATA_DIR"])
+    assert len(rows) == 6 and len({r.path for r in rows}) == 4
+    for r in rows:
+        assert r.path == f"att/{r.sha256[:2]}/{r.sha256[2:4]}/{r.sha256}.bin"  # as put_bytes names it
+        assert str(store.path(r.path).parent) in synced_dirs
+    assert not [p for p in _att_files(app) if p.name.endswith(".part")]
+
+
+def test_attachment_file_that_cannot_be_made_durable_fails_only_its_email(org, connection, capture, app,
+                                                                         monkeypatch, redis_conn):
+    import errno
+    import hashlib
+
+    from ingest import store as store_module
+    from services import queue
+
+    conn = connection("incident")
+    bad = unique("cannot be synced").encode()
+    ids = [capture(conn, make_raw("Fine 1", attachment=b"fine one")), capture(conn, make_raw("Bad", attachment=bad)),
+           capture(conn, make_raw("Fine 2", attachment=b"fine two"))]
+    bad_sha = hashlib.sha256(bad).hexdigest()
+    real_sync = store_module._sync_path
+
+    def sync(path):
+        if f".{bad_sha[:16]}." in path:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_sync(path)
+
+    monkeypatch.setattr(store_module, "_sync_path", sync)
+    assert run_batch(ids) == {"new-incident": 2, "retrying": 1}
+    fine1, lost, fine2 = messages(ids)
+    assert fine1.state == fine2.state == "processed"
+    assert lost.state == "captured" and lost.attempts == 1 and lost.incident_id is None
+    assert queue.queue("process").job_ids == [f"process-{lost.id}-n"]
+    with db.connection_context():
+        assert Attachment.select().where(Attachment.message == lost.id).count() == 0
+        assert Attachment.select().where(Attachment.message.in_([fine1.id, fine2.id])).count() == 2
+    assert not [p for p in _att_files(app) if bad_sha[:16] in p.name]  # neither in place nor a temporary file
+
+
+def test_put_group_stores_as_put_bytes_only_once_committed(app, tmp_path):
+    from ingest.store import PutGroup
+
+    store = RawStore(tmp_path / "data")
+    group = PutGroup(store, kind="att")
+    rel = group.put(b"first")
+    assert group.put(b"first") == rel  # the same bytes once
+    assert not store.path(rel).exists()  # not in place before commit
+    other = group.put(b"second", sha="f" * 64)  # the caller's hash names it, as put_bytes
+    assert group.commit() == {}
+    assert store.path(rel).read_bytes() == b"first" and store.path(other).read_bytes() == b"second"
+    assert (rel, other) == (store.put_bytes(b"first", kind="att")[0], "att/ff/ff/" + "f" * 64 + ".bin")
+    again = PutGroup(store, kind="att")
+    assert again.put(b"first") == rel and again.commit() == {}  # stored before: nothing written
+    left = PutGroup(store, kind="att")
+    left.put(b"never committed")
+    left.discard()
+    assert sorted(p.name for p in (tmp_path / "data" / "att").rglob("*") if p.is_file()) == sorted(
+        [rel.rsplit("/", 1)[1], other.rsplit("/", 1)[1]])
