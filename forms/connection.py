@@ -326,3 +326,66 @@ def _read(field) -> bytes | None:
         return None
     data = storage.read()
     return data or None
+
+
+# -- the Protocol swap ---------------------------------------------------
+# Changing the Protocol (or IMAP's Authentication) re-renders one field group
+# (views.connections.protocol_fields), on every change of the select. Binding
+# and processing the whole form for it cost more than rendering the group, so
+# the swap uses a form holding only the fields its group renders. The groups
+# mirror templates/connections/_protocol_fields.html and the templates it
+# includes: a field missing here is None on the group's form and fails the
+# render loudly, and tests/test_protocol_fields.py renders every group with
+# the whole form too and compares.
+_OAUTH_APP = ("oauth_client_id", "oauth_tenant_id", "oauth_access", "oauth_client_auth", "oauth_client_secret",
+              "oauth_secret_expires", "oauth_certificate", "oauth_private_key", "oauth_pfx_passphrase",
+              "oauth_authority_host", "graph_endpoint")  # _oauth_app.html
+_PROXY = ("use_proxy", "proxy_protocol", "proxy_host", "proxy_port", "proxy_username",
+          "proxy_password")  # _proxy_section.html
+# protocol: _protocol_fields.html; remove_trusted_certificate: _trusted_cert.html
+_EVERY_GROUP = ("protocol", "email_address", "source_folder", "remove_trusted_certificate")
+GROUP_FIELDS = {
+    "imap": _EVERY_GROUP + ("host", "encryption", "port", "imap_auth", "password"),
+    "imap_xoauth2": _EVERY_GROUP + ("host", "encryption", "port", "imap_auth") + _OAUTH_APP,
+    "exchange": _EVERY_GROUP + ("endpoint", "password") + _PROXY,
+    "oauth": _EVERY_GROUP + ("endpoint",) + _OAUTH_APP + _PROXY,
+    "graph": _EVERY_GROUP + _OAUTH_APP + _PROXY,
+}
+
+
+def protocol_group(protocol: str | None, imap_auth: str | None) -> str:
+    """The GROUP_FIELDS key of what _protocol_fields.html shows for these
+    submitted values (first of each; missing ones take the fields' defaults,
+    as WTForms does)."""
+    protocol = protocol or "exchange"
+    if protocol == "imap":
+        return "imap_xoauth2" if imap_auth == "xoauth2" else "imap"
+    return protocol if protocol in ("oauth", "graph") else "exchange"
+
+
+class _GroupForm(ConnectionForm):
+    class Meta:
+        # The group renders no CSRF token and is never validated or saved
+        # (CSRFProtect still guards every POST); generating and signing a
+        # token for it was wasted work on each swap.
+        csrf = False
+
+
+def _group_form(group: str, keep: tuple[str, ...]) -> type[ConnectionForm]:
+    fields = {name for name in dir(ConnectionForm)
+              if not name.startswith("_") and hasattr(getattr(ConnectionForm, name), "_formfield")}
+    unknown = set(keep) - fields
+    if unknown:
+        raise AttributeError(f"GROUP_FIELDS[{group!r}] names fields ConnectionForm lacks: {sorted(unknown)}")
+    # A field set to None in a subclass is not a field of it (WTForms).
+    return type(f"ConnectionForm_{group}", (_GroupForm,), dict.fromkeys(fields - set(keep)))
+
+
+_GROUP_FORMS = {group: _group_form(group, keep) for group, keep in GROUP_FIELDS.items()}
+
+
+def protocol_fields_form(formdata, editing=None) -> ConnectionForm:
+    """The Protocol swap's form: what was typed in the shared fields, and only
+    the chosen group's fields."""
+    group = protocol_group(formdata.get("protocol"), formdata.get("imap_auth"))
+    return _GROUP_FORMS[group](formdata=formdata, editing=editing)

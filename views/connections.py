@@ -7,7 +7,7 @@ from flask import (Blueprint, abort, flash, g, make_response, redirect, render_t
                    url_for)
 from markupsafe import Markup
 
-from forms.connection import DEFAULT_PORTS, ConnectionForm
+from forms.connection import DEFAULT_PORTS, ConnectionForm, protocol_fields_form
 from jobs import connection_test, oauth_grant
 from models import SECRET_FIELDS, ConnectionDraft, ConnectionLog, EmailConnection
 
@@ -142,7 +142,7 @@ def _own_draft(draft_id: str | None, conn: EmailConnection | None) -> Connection
 @admin_required
 def protocol_fields():
     """The Protocol's field group, swapped in place; shared fields keep what was typed."""
-    form = ConnectionForm(formdata=request.args, editing=_editing_from_args())
+    form = protocol_fields_form(request.args, editing=_editing_from_args())
     if form.protocol.data == "imap" and not request.args.get("port"):
         form.port.data = DEFAULT_PORTS.get(form.encryption.data or "ssl")
     resp = make_response(render_template("connections/_protocol_fields.html", form=form,
