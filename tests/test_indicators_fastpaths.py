@@ -4,14 +4,10 @@ and on generated input. All input is generated here."""
 from __future__ import annotations
 
 import ipaddress
-import pickle
 import random
 import re
 import sys
-from dataclasses import FrozenInstanceError
 from urllib.parse import urlsplit
-
-import pytest
 
 from ingest import indicators
 from ingest.indicators import (

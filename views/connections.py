@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import (Blueprint, abort, flash, g, make_response, redirect, render_template, request,
+from flask import (Blueprint, abort, flash, g, make_response, render_template, request,
                    url_for)
 from markupsafe import Markup
 
