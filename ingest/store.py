@@ -3,10 +3,19 @@
 A message is written to a temporary file (streamed into tmp/ while its
 SHA-256 is computed, or, when all its bytes are at hand, hashed first and
 written next to its final name as `.<sha prefix>.<pid>.<n>.part`),
-fsync'd, then renamed to `raw/ab/cd/<sha256>.eml` and its directory
+fsync'd, then renamed to `raw/ab/<sha256>.eml` and its directory
 fsync'd. Rename is atomic, so a `<sha256>.eml` file is always complete; a
 crash leaves at most a temporary `.part` file, and the same message fetched
-again lands on the same name."""
+again lands on the same name.
+
+One level of 256 shards (`shard_rel`), as git lays out its objects: a
+second level (`raw/ab/cd/`, the layout before 2026-11) made a young store
+create a directory for almost every message, and creating a directory (a
+new inode placed by the Orlov allocator, and its parent's entry to fsync)
+cost more than writing the message. ext4's hashed directories look a name
+up in O(log n), so a shard of tens of thousands of files is no slower.
+Files stored under the old layout stay where they are: rows name their
+path, and nothing else looks for them there."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +27,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+
+
+def shard_rel(kind: str, sha: str, suffix: str) -> str:
+    """Where content with this SHA-256 hex digest is stored, relative to the
+    store's root: one level of 256 shards (see the module's docstring)."""
+    return f"{kind}/{sha[:2]}/{sha}{suffix}"
 
 
 class _CountingWriter:
@@ -96,8 +111,9 @@ class RawStore:
         written at all if the same bytes are already stored. Durable, like
         `begin()`'s, only once committed."""
         sha = sha or hashlib.sha256(data).hexdigest()
-        parent = f"{self._root}/raw/{sha[:2]}/{sha[2:4]}"
-        if os.path.exists(f"{parent}/{sha}.eml"):
+        target = f"{self._root}/{shard_rel('raw', sha, '.eml')}"
+        parent = target.rpartition("/")[0]
+        if os.path.exists(target):
             # Stored before (a `<sha256>.eml` is always complete). Its
             # directory is still synced at commit, see _place.
             return PendingRaw(self, None, None, sha=sha, size=len(data))
@@ -148,7 +164,7 @@ class RawStore:
             p.rel = rel
 
     def rel_for(self, sha: str, suffix: str = ".eml") -> str:
-        return f"raw/{sha[:2]}/{sha[2:4]}/{sha}{suffix}"
+        return shard_rel("raw", sha, suffix)
 
     def put_bytes(self, data: bytes, kind: str = "raw", suffix: str = ".bin", *,
                   sha: str | None = None) -> tuple[str, str]:
@@ -156,7 +172,7 @@ class RawStore:
         `sha`: the SHA-256 hex digest when the caller already has it (parsing
         hashes every attachment), so large attachments are not hashed twice."""
         sha = sha or hashlib.sha256(data).hexdigest()
-        rel = f"{kind}/{sha[:2]}/{sha[2:4]}/{sha}{suffix}"
+        rel = shard_rel(kind, sha, suffix)
         target = self.path(rel)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -279,11 +295,12 @@ class PutGroup:
         """Write `data` (not durable yet); returns its rel, as put_bytes
         would. `sha`: its SHA-256 hex digest, when the caller has it."""
         sha = sha or hashlib.sha256(data).hexdigest()
-        rel = f"{self.kind}/{sha[:2]}/{sha[2:4]}/{sha}{self.suffix}"
+        rel = shard_rel(self.kind, sha, self.suffix)
         if rel in self._files:
             return rel  # the same bytes, earlier in the group
-        parent = f"{self.store._root}/{self.kind}/{sha[:2]}/{sha[2:4]}"
-        if os.path.exists(f"{self.store._root}/{rel}"):
+        target = f"{self.store._root}/{rel}"
+        parent = target.rpartition("/")[0]
+        if os.path.exists(target):
             # Stored before (a file is renamed into place only once synced).
             # Its directory is still synced at commit, as begin_whole's.
             self._files[rel] = None

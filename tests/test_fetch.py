@@ -306,6 +306,24 @@ def test_same_bytes_twice_in_one_batch_are_stored_once_and_no_temporary_file_is_
     assert dovecot.unseen(conn.user) == []
 
 
+def test_each_message_is_stored_one_shard_deep_under_its_sha256(imap_connection, dovecot, app):
+    """raw/ab/<sha256>.eml: 256 shards, made once, rather than a directory
+    for nearly every message of a young store (raw/ab/cd/)."""
+    from jobs import fetch
+    from ingest.store import RawStore
+
+    conn = imap_connection()
+    append_many(dovecot, conn.user, [make_mail(i) for i in range(5)])
+    assert fetch.fetch(conn.id, enqueue_processing=False)["stored"] == 5
+    store = RawStore(app.config["DATA_DIR"])
+    with db.connection_context():
+        rows = list(StoredMessage.select().where(StoredMessage.connection == conn.id))
+    assert len(rows) == 5
+    for m in rows:
+        sha = hashlib.sha256(store.path(m.path).read_bytes()).hexdigest()
+        assert (m.sha256, m.path) == (sha, f"raw/{sha[:2]}/{sha}.eml")
+
+
 def test_a_file_that_cannot_be_written_stops_the_run_without_marking_it_read(imap_connection, dovecot, monkeypatch):
     """A failure on the writer thread (disk full) reaches the run: what was
     made durable before it is recorded and marked read, the rest stays unread

@@ -631,7 +631,7 @@ def test_attachment_files_are_durable_before_the_transaction_that_names_them(org
     store = RawStore(app.config["DATA_DIR"])
     assert len(rows) == 6 and len({r.path for r in rows}) == 4
     for r in rows:
-        assert r.path == f"att/{r.sha256[:2]}/{r.sha256[2:4]}/{r.sha256}.bin"  # as put_bytes names it
+        assert r.path == f"att/{r.sha256[:2]}/{r.sha256}.bin"  # as put_bytes names it
         assert str(store.path(r.path).parent) in synced_dirs
     assert not [p for p in _att_files(app) if p.name.endswith(".part")]
 
@@ -679,7 +679,7 @@ def test_put_group_stores_as_put_bytes_only_once_committed(app, tmp_path):
     other = group.put(b"second", sha="f" * 64)  # the caller's hash names it, as put_bytes
     assert group.commit() == {}
     assert store.path(rel).read_bytes() == b"first" and store.path(other).read_bytes() == b"second"
-    assert (rel, other) == (store.put_bytes(b"first", kind="att")[0], "att/ff/ff/" + "f" * 64 + ".bin")
+    assert (rel, other) == (store.put_bytes(b"first", kind="att")[0], "att/ff/" + "f" * 64 + ".bin")
     again = PutGroup(store, kind="att")
     assert again.put(b"first") == rel and again.commit() == {}  # stored before: nothing written
     left = PutGroup(store, kind="att")
