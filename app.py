@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, render_template
+from flask import Flask, render_template
 
 import settings
 from extensions import csrf, htmx
+from ingest.store import RawStore
 from models import db
 from services import crypto, database, logs, queue, runtime
 
@@ -31,6 +32,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.from_mapping(cfg)
     init_services(cfg)
     database.migrate()
+    # The data store too, like the database: a DATA_DIR that cannot be
+    # written fails here, and the first fetch finds its shards made.
+    RawStore(cfg["DATA_DIR"])
 
     csrf.init_app(app)
     htmx.init_app(app)

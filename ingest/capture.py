@@ -18,7 +18,6 @@ each group commits; what is recorded is marked read once the server has
 sent the batch."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -31,7 +30,7 @@ from connectors.base import Connector, RemoteMessage
 from connectors.errors import ConnectorError
 from models import EmailConnection, RemoteKey, StoredMessage, db, write_transaction, utcnow
 
-from .store import Countdown, PendingRaw, RawStore, SyncPool
+from .store import Countdown, PendingRaw, RawStore, SyncPool, content_hash, content_hasher
 
 log = logging.getLogger(__name__)
 
@@ -496,7 +495,8 @@ class _Durable:
             self._held = data
         else:
             held, self._held = self._held, None
-            self._hash = hashlib.sha256(held)
+            self._hash = content_hasher()
+            self._hash.update(held)
             self._hash.update(data)
             self.group.submit(self._open)
             self.group.submit(self._write, held, size=len(held))
@@ -509,13 +509,13 @@ class _Durable:
             self.group.submit(self._discard, cleanup=True)
             return False
         # Hashed on this thread rather than the writer's, which has the file
-        # system to do: measured faster (SHA-256 releases the GIL).
+        # system to do: measured faster (hashing releases the GIL).
         try:
             if self._hash is not None:
                 self.group.submit(self._complete, self._hash.hexdigest())
             else:
                 held = held or b""
-                self.group.submit(self._whole, held, hashlib.sha256(held).hexdigest(), size=len(held))
+                self.group.submit(self._whole, held, content_hash(held), size=len(held))
         except BaseException:  # the group failed meanwhile
             self.group.submit(self._discard, cleanup=True)  # what the writer made of it so far
             raise
@@ -524,8 +524,8 @@ class _Durable:
 
     # On the writer thread, in the order queued:
 
-    def _whole(self, data, sha: str) -> None:
-        self.group.add(self.key, self.group.store.begin_whole(data, sha))
+    def _whole(self, data, digest: str) -> None:
+        self.group.add(self.key, self.group.store.begin_whole(data, digest))
 
     def _open(self) -> None:
         self.pending = self.group.store.begin(hashed_by_caller=True)
@@ -537,9 +537,9 @@ class _Durable:
             self._discard()
             raise
 
-    def _complete(self, sha: str) -> None:
+    def _complete(self, digest: str) -> None:
         pending, self.pending = self.pending, None
-        pending.finish(sha)
+        pending.finish(digest)
         self.group.add(self.key, pending)
 
     def _discard(self) -> None:
@@ -556,36 +556,37 @@ def _too_large_error(size: int, limit: int) -> str:
 def _record_many(conn, items: list[tuple[RemoteMessage, PendingRaw]], result: CaptureResult) -> None:
     """StoredMessage + RemoteKey rows for durable files, in one transaction
     with a few multi-row statements (one row at a time cost more than the
-    fetch itself). Bytes already stored for this connection (same SHA-256:
-    re-delivered, UIDVALIDITY changed) only get a new RemoteKey."""
+    fetch itself). Bytes already stored for this connection (same content
+    hash: re-delivered, UIDVALIDITY changed) only get a new RemoteKey. The
+    SHA-256 is left for processing to fill in (see ingest/store.py)."""
     new_ids: list[int] = []
     with write_transaction():
-        shas = list({p.sha256 for _, p in items})
-        ids = _ids_by_sha(conn, shas)
+        digests = list({p.digest for _, p in items})
+        ids = _ids_by_digest(conn, digests)
         rows: dict[str, dict] = {}
         for ref, pending in items:
-            sha = pending.sha256
-            if sha in ids or sha in rows:
+            digest = pending.digest
+            if digest in ids or digest in rows:
                 result.duplicates += 1  # same bytes under a new key: UIDVALIDITY changed, re-delivered...
                 continue
             too_large = pending.size > conn.max_message_size
-            rows[sha] = dict(
+            rows[digest] = dict(
                 organization=conn.organization_id, connection=conn.id, connection_name=conn.name,
-                sha256=sha, size=pending.size, path=pending.rel, received_at=ref.received or "",
+                content_hash=digest, size=pending.size, path=pending.rel, received_at=ref.received or "",
                 message_id=(ref.message_id or "")[:998], state="quarantined" if too_large else "captured",
                 error=_too_large_error(pending.size, conn.max_message_size) if too_large else "",
                 captured_at=utcnow())
         if rows:
             _insert_many(StoredMessage, list(rows.values()))
-            ids = _ids_by_sha(conn, shas)
+            ids = _ids_by_digest(conn, digests)
             for row in rows.values():
                 result.stored += 1
                 if row["state"] == "quarantined":
                     result.quarantined += 1
                 else:
-                    new_ids.append(ids[row["sha256"]])
+                    new_ids.append(ids[row["content_hash"]])
         now = utcnow()
-        _insert_many(RemoteKey, [dict(connection=conn.id, key=ref.key, message=ids[pending.sha256], created_at=now)
+        _insert_many(RemoteKey, [dict(connection=conn.id, key=ref.key, message=ids[pending.digest], created_at=now)
                                  for ref, pending in items])
     new_ids.sort()  # fetch order: rows were inserted oldest first
     result.new_message_ids.extend(new_ids)
@@ -593,10 +594,11 @@ def _record_many(conn, items: list[tuple[RemoteMessage, PendingRaw]], result: Ca
         result.on_stored(mid)  # after commit: the processing job must find the row
 
 
-def _ids_by_sha(conn, shas: list[str]) -> dict[str, int]:
-    return {sha: mid for mid, sha in _select_in(
-        f"SELECT {_col(StoredMessage.id)}, {_col(StoredMessage.sha256)} FROM {_table(StoredMessage)} "
-        f"WHERE {_col(StoredMessage.connection)} = {db.param} AND {_col(StoredMessage.sha256)}", [conn.id], shas)}
+def _ids_by_digest(conn, digests: list[str]) -> dict[str, int]:
+    return {digest: mid for mid, digest in _select_in(
+        f"SELECT {_col(StoredMessage.id)}, {_col(StoredMessage.content_hash)} FROM {_table(StoredMessage)} "
+        f"WHERE {_col(StoredMessage.connection)} = {db.param} AND {_col(StoredMessage.content_hash)}",
+        [conn.id], digests)}
 
 
 # The statements of a batch are written here rather than built with peewee:

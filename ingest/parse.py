@@ -128,12 +128,17 @@ class ParsedEmail:
 
 def parse_file(path: str | os.PathLike, *, attachments_dir: str | os.PathLike | None = None,
                limits: Limits = Limits()) -> ParsedEmail:
+    return parse_bytes(read_raw(path, limits), attachments_dir=attachments_dir, limits=limits)
+
+
+def read_raw(path: str | os.PathLike, limits: Limits = Limits()) -> bytes:
+    """A stored message's bytes, or ParseError("too_large") before reading
+    one larger than parsing would take."""
     size = os.stat(path).st_size
     if size > limits.max_bytes:
         raise ParseError("too_large", f"{size} bytes > {limits.max_bytes}")
     with open(path, "rb") as handle:
-        raw = handle.read()
-    return parse_bytes(raw, attachments_dir=attachments_dir, limits=limits)
+        return handle.read()
 
 
 def parse_bytes(raw: bytes, *, attachments_dir: str | os.PathLike | None = None,

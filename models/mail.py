@@ -38,7 +38,9 @@ class StoredMessage(BaseModel):
     organization = ForeignKeyField(Organization, backref="messages", on_delete="CASCADE")
     connection = ForeignKeyField(EmailConnection, null=True, on_delete="SET NULL", backref="messages")
     connection_name = CharField(max_length=120, default="")  # kept when the connection is deleted
-    sha256 = CharField(max_length=64)
+    # BLAKE3 of the raw bytes: names the file, finds the same bytes fetched
+    # again (ingest/store.py). "" on messages stored before 2026-11.
+    content_hash = CharField(max_length=64, default="")
     size = BigIntegerField(default=0)
     path = CharField(max_length=1024)  # relative to DATA_DIR
     captured_at = DateTimeField(default=utcnow, index=True)
@@ -47,6 +49,7 @@ class StoredMessage(BaseModel):
     attempts = IntegerField(default=0)
     error = TextField(default="")
     # Parsed (filled by processing)
+    sha256 = CharField(max_length=64, default="")  # of the raw bytes, for the API
     message_id = CharField(max_length=998, default="", index=True)
     in_reply_to = CharField(max_length=998, default="")
     references = TextField(default="")  # space-separated Message-IDs
@@ -64,7 +67,7 @@ class StoredMessage(BaseModel):
     processed_at = DateTimeField(null=True)
 
     class Meta:
-        indexes = ((("connection", "sha256"), False), (("organization", "sha256"), False))
+        indexes = ((("connection", "content_hash"), False),)
 
 
 class RemoteKey(BaseModel):

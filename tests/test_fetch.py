@@ -306,9 +306,12 @@ def test_same_bytes_twice_in_one_batch_are_stored_once_and_no_temporary_file_is_
     assert dovecot.unseen(conn.user) == []
 
 
-def test_each_message_is_stored_one_shard_deep_under_its_sha256(imap_connection, dovecot, app):
-    """raw/ab/<sha256>.eml: 256 shards, made once, rather than a directory
-    for nearly every message of a young store (raw/ab/cd/)."""
+def test_each_message_is_stored_one_shard_deep_under_its_blake3_content_hash(imap_connection, dovecot, app):
+    """raw/ab/<hash>.eml: 256 shards, made once, rather than a directory for
+    nearly every message of a young store (raw/ab/cd/). The hash is BLAKE3,
+    capture's to compute; the SHA-256 is processing's."""
+    from blake3 import blake3
+
     from jobs import fetch
     from ingest.store import RawStore
 
@@ -320,8 +323,8 @@ def test_each_message_is_stored_one_shard_deep_under_its_sha256(imap_connection,
         rows = list(StoredMessage.select().where(StoredMessage.connection == conn.id))
     assert len(rows) == 5
     for m in rows:
-        sha = hashlib.sha256(store.path(m.path).read_bytes()).hexdigest()
-        assert (m.sha256, m.path) == (sha, f"raw/{sha[:2]}/{sha}.eml")
+        digest = blake3(store.path(m.path).read_bytes()).hexdigest()
+        assert (m.content_hash, m.path, m.sha256) == (digest, f"raw/{digest[:2]}/{digest}.eml", "")
 
 
 def test_a_file_that_cannot_be_written_stops_the_run_without_marking_it_read(imap_connection, dovecot, monkeypatch):

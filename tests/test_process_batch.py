@@ -4,14 +4,16 @@ Real SQLite (or TEST_DATABASE_URL), real files; rows are made directly."""
 from __future__ import annotations
 
 import email.message
+import hashlib
 
 import pytest
 from peewee import IntegrityError
 
 from ingest import process as process_module
 from ingest import route
+from ingest.parse import ParseError
 from ingest.route import new_incident
-from ingest.store import RawStore
+from ingest.store import RawStore, content_hash
 from models import (ALL_MODELS, MAX_PROCESS_ATTEMPTS, Attachment, ConnectionLog, EmailConnection, Incident,
                     Indicator, Organization, StoredMessage, db)
 from tests.support.app_fixtures import unique
@@ -69,9 +71,10 @@ def capture(app):
     store = RawStore(app.config["DATA_DIR"])
 
     def make(conn: EmailConnection, raw: bytes, **fields) -> int:
-        rel, sha = store.put_bytes(raw, kind="raw", suffix=".eml")
-        values = dict(organization=conn.organization_id, connection=conn, connection_name=conn.name, sha256=sha,
-                      size=len(raw), path=rel, state="captured")
+        rel, _ = store.put_bytes(raw, kind="raw", suffix=".eml")
+        # As capture writes it: the content hash, no SHA-256 yet.
+        values = dict(organization=conn.organization_id, connection=conn, connection_name=conn.name,
+                      content_hash=content_hash(raw), size=len(raw), path=rel, state="captured")
         values.update(fields)
         with db.connection_context():
             return StoredMessage.create(**values).id
@@ -230,18 +233,37 @@ def test_failure_at_the_last_attempt_is_quarantined(org, connection, capture, mo
     assert bad.error == f"Processing failed {MAX_PROCESS_ATTEMPTS} times: ValueError: extractor bug"
 
 
+def test_processing_records_the_sha256_of_each_raw_message_even_one_it_cannot_parse(org, connection, capture,
+                                                                                     monkeypatch):
+    conn = connection("incident")
+    good, bad = make_raw("Hashed"), make_raw("Cannot be parsed")
+    ids = [capture(conn, good), capture(conn, bad)]
+    assert [m.sha256 for m in messages(ids)] == ["", ""]  # capture names files by their content hash only
+    real = process_module.parse_bytes
+
+    def parse(raw):
+        if raw == bad:
+            raise ParseError("internal_error", "made up for this test")
+        return real(raw)
+
+    monkeypatch.setattr(process_module, "parse_bytes", parse)
+    assert run_batch(ids) == {"new-incident": 1, "quarantined": 1}
+    assert [(m.state, m.sha256) for m in messages(ids)] == [
+        ("processed", hashlib.sha256(good).hexdigest()), ("quarantined", hashlib.sha256(bad).hexdigest())]
+
+
 def test_email_whose_attempts_all_died_with_the_worker_is_quarantined_unparsed(org, connection, capture,
                                                                                monkeypatch):
     # A worker killed mid-processing (out of memory, say) counted each attempt
     # but never finished; the next one must not die the same way again.
     conn = connection("incident")
     ids = [capture(conn, make_raw("Fine")), capture(conn, make_raw("Kills workers"), attempts=MAX_PROCESS_ATTEMPTS)]
-    parsed_paths = []
-    real = process_module.parse_file
-    monkeypatch.setattr(process_module, "parse_file", lambda path: parsed_paths.append(path) or real(path))
+    parsed = []
+    real = process_module.parse_bytes
+    monkeypatch.setattr(process_module, "parse_bytes", lambda raw: parsed.append(raw) or real(raw))
     assert run_batch(ids) == {"new-incident": 1, "quarantined": 1}
     fine, killer = messages(ids)
-    assert fine.state == "processed" and len(parsed_paths) == 1
+    assert fine.state == "processed" and len(parsed) == 1
     assert killer.state == "quarantined" and killer.incident_id is None
     assert killer.error.startswith(f"Processing did not finish in {MAX_PROCESS_ATTEMPTS} attempts")
 
@@ -251,16 +273,16 @@ def test_message_processed_by_another_worker_is_skipped(org, connection, capture
     ids = [capture(conn, make_raw(f"Race {i}")) for i in range(3)]
     with db.connection_context():
         theirs = new_incident(org.id, "The other worker's")
-    real = process_module.parse_file
+    real = process_module.parse_bytes
 
-    def parse_while_another_worker_finishes(path):
-        parsed = real(path)
+    def parse_while_another_worker_finishes(raw):
+        parsed = real(raw)
         if parsed.subject == "Race 1":  # between our first read and our write transaction
             StoredMessage.update(state="processed", incident=theirs.id, route="new-incident").where(
                 StoredMessage.id == ids[1]).execute()
         return parsed
 
-    monkeypatch.setattr(process_module, "parse_file", parse_while_another_worker_finishes)
+    monkeypatch.setattr(process_module, "parse_bytes", parse_while_another_worker_finishes)
     assert run_batch(ids) == {"new-incident": 2, "skipped": 1}
     msgs = messages(ids)
     assert msgs[1].incident_id == theirs.id and msgs[1].subject == ""  # untouched: never two incidents
@@ -522,7 +544,7 @@ def test_update_rows_write_what_peewee_update_writes(org, connection, capture, u
     ]
     ours, theirs = _twin_messages(conn, capture, len(changes)), _twin_messages(conn, capture, len(changes))
     columns = [f.column_name for f in StoredMessage._meta.sorted_fields  # all but what capture made differ
-               if f.name not in ("id", "sha256", "size", "path", "message_id", "captured_at")]
+               if f.name not in ("id", "content_hash", "size", "path", "message_id", "captured_at")]
     with db.connection_context():
         with db.atomic():
             getattr(process_module, update)(StoredMessage, dict(zip(ours, changes)))

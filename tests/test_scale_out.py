@@ -222,7 +222,7 @@ def _run(scale_app, app_config, dovecot, org, ids, users):
             per_conn[m.connection_id].append(m)
         assert len(msgs) == CONNECTIONS * MESSAGES_EACH
         assert {cid: len(ms) for cid, ms in per_conn.items()} == {cid: MESSAGES_EACH for cid in ids}
-        assert len({(m.connection_id, m.sha256) for m in msgs}) == len(msgs)
+        assert len({(m.connection_id, m.content_hash) for m in msgs}) == len(msgs)
         assert len({m.message_id for m in msgs}) == len(msgs)
         assert all(m.state == "processed" for m in msgs), {m.state for m in msgs}
         assert RemoteKey.select().where(RemoteKey.connection.in_(ids)).count() == len(msgs)

@@ -248,7 +248,7 @@ def email_json(m: StoredMessage, attachments: list, indicators: list) -> dict:
         "id": m.id, "message_id": m.message_id, "subject": m.subject, "from": m.from_addr, "to": m.to_addrs,
         "date": m.date, "received_at": m.received_at, "captured_at": iso(m.captured_at),
         "processed_at": iso(m.processed_at), "state": m.state, "route": m.route, "size": m.size,
-        "sha256": m.sha256, "connection": m.connection_name,
+        "sha256": m.sha256 or None, "connection": m.connection_name,
         "headers": _headers_summary(m.headers_json), "evidence": _evidence(m.evidence_json),
         "attachments": [{"filename": a.filename, "content_type": a.content_type, "size": a.size,
                          "sha256": a.sha256, "md5": a.md5, "from_evidence": a.from_evidence} for a in attachments],

@@ -195,7 +195,8 @@ SCHEMAS = {
         "state": {"type": "string", "enum": ["captured", "processed", "quarantined"]},
         "route": {"type": "string"},
         "size": {"type": "integer"},
-        "sha256": {"type": "string", "description": "Of the raw message."},
+        "sha256": _nullable("string", description="Of the raw message; null until processing has read it "
+                                                  "(a message too large to process has none)."),
         "connection": {"type": "string", "description": "The connection's name when it was captured."},
         "headers": {"type": "array", "items": _ref("Header"),
                     "description": "A summary in message order: routing, authentication and addressing headers "
