@@ -521,7 +521,7 @@ class ImapConnector(Connector):
         said = self._redact(str(exc))
         extra = {"server_response": said}
         if "UNAVAILABLE" in said:
-            return Diagnosis("server_busy", f"The IMAP server could not check the login right now.",
+            return Diagnosis("server_busy", "The IMAP server could not check the login right now.",
                              "This is temporary on the server's side; try again in a few minutes.", extra=extra)
         if "PRIVACYREQUIRED" in said:
             return self._encryption_required()
