@@ -12,7 +12,8 @@ The content hash of a message (`content_hash`) is BLAKE3: it names the
 file and finds the same bytes fetched again, and nothing else. Capture
 hashes every byte it fetches before anything else can happen to it, and
 BLAKE3 (SIMD, 256-bit) does that three to four times faster than SHA-256
-even with the CPU's SHA extensions: SHA-256 was a third of capture's CPU.
+even with the CPU's SHA extensions: SHA-256 was a third of the fetching
+thread's CPU.
 Messages stored before 2026-11 are named by their SHA-256; rows name their
 files, so they stay where they are. The SHA-256 users see (of attachments,
 which are stored by it, and of the raw message) is computed by processing.
@@ -23,6 +24,7 @@ create a directory for almost every message, and creating a directory (a
 new inode placed by the Orlov allocator, and its parent's entry to fsync)
 cost more than writing the message. ext4's hashed directories look a name
 up in O(log n), so a shard of tens of thousands of files is no slower.
+raw/'s shards are made with the store; att/'s as needed (processing).
 Files stored under the old layout stay where they are: rows name their
 path, and nothing else looks for them there."""
 from __future__ import annotations
