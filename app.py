@@ -17,12 +17,13 @@ from services import crypto, database, logs, queue, runtime
 log = logging.getLogger("intake")
 
 
-def init_services(cfg: dict) -> None:
-    """What every process (web, worker, scheduler, CLI) needs before work."""
+def init_services(cfg: dict, *, pooled_db: bool = False) -> None:
+    """What every process (web, worker, scheduler, CLI) needs before work.
+    `pooled_db`: for the web app only (see database.open_database)."""
     runtime.configure(cfg)
     logs.setup(cfg["LOG_FILE"], cfg["LOG_LEVEL"])
     crypto.configure(cfg["ENCRYPTION_KEYS"])
-    database.open_database(cfg["DATABASE_URL"])
+    database.open_database(cfg["DATABASE_URL"], pooled=pooled_db)
     queue.configure(settings.redis_url(cfg))
 
 
@@ -30,11 +31,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     cfg = settings.load(test_config)
     app = Flask(__name__, instance_path=cfg["INSTANCE_PATH"], static_folder="static")
     app.config.from_mapping(cfg)
-    init_services(cfg)
+    init_services(cfg, pooled_db=True)
     database.migrate()
     # The data store too, like the database: a DATA_DIR that cannot be
     # written fails here, and the first fetch finds its shards made.
     RawStore(cfg["DATA_DIR"])
+    database.release_connections()  # gunicorn --preload forks its workers after this
 
     csrf.init_app(app)
     htmx.init_app(app)
