@@ -1,26 +1,22 @@
 """How processes hold their database connections: the web app keeps SQLite
 connections open between requests (a pool); workers, which fork a child per
-job, and PostgreSQL connect per use."""
+job, and everything on PostgreSQL connect per use."""
 from __future__ import annotations
 
 import sqlite3
 
-import pytest
 from peewee import SqliteDatabase
-from playhouse.pool import PooledSqliteDatabase
+from playhouse.pool import PooledDatabase
 
 from models import Organization, db
 from services import database
 
 
-@pytest.fixture
-def sqlite_only(app):
+def test_web_requests_reuse_one_sqlite_connection_and_postgresql_connects_per_request(app, client, monkeypatch):
     if not isinstance(db.obj, SqliteDatabase):
-        pytest.skip("PostgreSQL connects per use everywhere (services/database.py)")
-
-
-def test_web_requests_reuse_one_sqlite_connection(app, client, sqlite_only, monkeypatch):
-    assert isinstance(db.obj, PooledSqliteDatabase)
+        assert not isinstance(db.obj, PooledDatabase), "a pooled connection would outlive a server restart"
+        return
+    assert isinstance(db.obj, PooledDatabase)
     opened = []
     real_connect = sqlite3.connect
     monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: opened.append(a) or real_connect(*a, **kw))
@@ -30,31 +26,34 @@ def test_web_requests_reuse_one_sqlite_connection(app, client, sqlite_only, monk
     assert db.is_closed(), "back in the pool after each request"
 
 
-def test_a_transaction_a_request_left_open_is_rolled_back_before_the_next_one(app, sqlite_only):
+def test_a_transaction_a_request_left_open_is_rolled_back_before_the_next_one(app):
     with app.test_request_context():
         app.preprocess_request()  # opens the request's connection
-        db.execute_sql("BEGIN IMMEDIATE")
-        db.execute_sql("INSERT INTO organization (name, created_at) VALUES ('Half done', '2026-11-30 00:00:00')")
+        db.begin()
+        Organization.create(name="Half done")
         app.do_teardown_request()  # closes it without committing, as an exception would
     with db.connection_context():
         assert not Organization.select().where(Organization.name == "Half done").exists()
-        db.execute_sql("BEGIN IMMEDIATE")  # the write lock is free again
-        db.execute_sql("ROLLBACK")
+        with db.atomic() as tx:  # nothing holds the write lock any more
+            Organization.create(name="Writable again")
+            tx.rollback()
 
 
-def test_workers_connect_per_use(app_config, sqlite_only):
+def test_workers_connect_per_use(app_config):
     """worker.py opens the database unpooled: a forked job must never get
     its parent's open SQLite connection."""
     url = app_config["DATABASE_URL"]
     try:
-        assert type(database.open_database(url)) is SqliteDatabase
+        assert not isinstance(database.open_database(url), PooledDatabase)
     finally:
         database.open_database(url, pooled=True)  # as the app fixture had it
 
 
-def test_the_app_holds_no_connection_once_created(app_config, sqlite_only):
+def test_the_app_holds_no_connection_once_created(app_config):
     """gunicorn --preload forks its workers after create_app: none may inherit an open connection."""
     from app import create_app
 
     create_app(dict(app_config))
-    assert db.is_closed() and not db.obj._in_use and not db.obj._connections
+    assert db.is_closed()
+    if isinstance(db.obj, PooledDatabase):
+        assert not db.obj._in_use and not db.obj._connections
