@@ -175,7 +175,7 @@ class RawStore:
         except FileNotFoundError:  # a store made before its shards were made up front
             os.makedirs(parent, exist_ok=True)
             fd, name = _create_temp(parent, "." + digest[:16])
-        pending = PendingRaw(self, _RawFile(fd), name, digest=digest, size=len(data), checked=True)
+        pending = PendingRaw(self, _RawFile(fd), name, digest=digest, size=len(data), rename_over=True)
         try:
             pending._write_all(data)
         except BaseException:
@@ -236,19 +236,19 @@ class RawStore:
 
 
 class PendingRaw:
-    """A message on its way into the store: a temporary file (or, from
-    `begin_whole`, possibly none: the bytes were already stored), durable
-    under `rel` once committed."""
+    """A message on its way into the store: a temporary file, durable under
+    `rel` once committed."""
 
-    def __init__(self, store: RawStore, f, tmp_path: str | None, *, digest: str | None = None, size: int = 0,
-                 checked: bool = False, writer=None):
+    def __init__(self, store: RawStore, f, tmp_path: str, *, digest: str | None = None, size: int = 0,
+                 rename_over: bool = False, writer=None):
         self.store, self._f, self._tmp = store, f, tmp_path
         # For streaming into it (begin).
         self.writer = writer or (HashingWriter(f) if digest is None else None)
         self._digest, self._size = digest, size  # known up front (begin_whole)
-        self._checked = checked  # no need to look for the same bytes before renaming
+        # Rename over a stored copy of the same bytes rather than look for one first (begin_whole).
+        self._rename_over = rename_over
         self.rel = ""
-        self.synced = f is None
+        self.synced = False
 
     @property
     def size(self) -> int:
@@ -286,14 +286,10 @@ class PendingRaw:
     def _place(self, rel: str) -> str:
         """Rename the synced temporary file to `rel`; returns the directory
         whose entry changed and must be fsync'd."""
-        if self._f is not None:
-            self._f.close()
+        self._f.close()
         target = f"{self.store._root}/{rel}"
         parent = target.rpartition("/")[0]
-        if self._tmp is None:
-            # Already stored: only its directory is synced, as below.
-            return parent
-        if not self._checked and os.path.exists(target):
+        if not self._rename_over and os.path.exists(target):
             # The same bytes are already stored. Sync its directory anyway:
             # a run that stopped between its rename and that sync left an
             # entry that may not be on disk yet.
@@ -310,12 +306,10 @@ class PendingRaw:
 
     def discard(self) -> None:
         try:
-            if self._f is not None:
-                self._f.close()
+            self._f.close()
         finally:
-            if self._tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
 
 
 class PutGroup:
